@@ -1,0 +1,48 @@
+"""Atomic file writes: a result or checkpoint is either the old file or the complete new one."""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+from pathlib import Path
+
+import torch
+
+
+def _replace(path: Path, write) -> Path:
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            write(f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
+    return path
+
+
+def write_bytes(path, data: bytes) -> Path:
+    return _replace(path, lambda f: f.write(data))
+
+
+def write_text(path, text: str) -> Path:
+    return write_bytes(path, text.encode())
+
+
+def write_json(path, obj) -> Path:
+    return write_text(path, json.dumps(obj, indent=2, default=str) + "\n")
+
+
+def torch_save(path, obj) -> Path:
+    return _replace(path, lambda f: torch.save(obj, f))
+
+
+def write_csv(path, frame) -> Path:
+    """A pandas DataFrame as CSV."""
+    return write_text(path, frame.to_csv(index=False))

@@ -1,0 +1,178 @@
+"""`bench` command line: thin wrappers around the library.
+
+  bench partition -B 3 --strategy equiprobable --gamma 0.05   what each block will train on
+  bench data fashion-mnist                                    obtain a dataset offline
+  bench prepare suites/vit_fashion/params.yaml                validate every arm, print the budgets
+  bench train   suites/vit_fashion/params.yaml --arm dblocks [--resume] [--set train.lr=5e-4]
+  bench evaluate suites/vit_fashion/params.yaml --arm dblocks
+  bench compare suites/vit_fashion/params.yaml                results/<suite>/comparison.{csv,md,png}
+  bench run     suites/vit_fashion/params.yaml                all of the above, without DVC
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+from pathlib import Path
+
+from bench import atomic
+from bench.config import ConfigError, arm_names, load_config
+
+
+def _floats(text: str) -> list[float]:
+    return [float(x) for x in text.replace(",", " ").split()]
+
+
+def _ints(text: str) -> list[int]:
+    return [int(x) for x in text.replace(",", " ").split()]
+
+
+def cmd_partition(a) -> None:
+    from bench.blocks import make_layout
+    from bench.diffusion import LogNormalNoise, loss_weight, make_partition, sigmas_equiprobable, steps_per_block
+    import torch
+    noise = LogNormalNoise(a.P_mean, a.P_std, a.sigma_min, a.sigma_max, a.sigma_data)
+    strategy = "explicit" if a.edges and a.strategy == "equiprobable" else a.strategy
+    p = make_partition(a.num_blocks, strategy, a.gamma, noise, _floats(a.edges) if a.edges else None)
+    layout = make_layout(a.depth, a.num_blocks, _ints(a.layers) if a.layers else None)
+    steps = a.steps or a.num_blocks
+    calls = steps_per_block(p, sigmas_equiprobable(noise, steps))
+    print(f"{p.strategy} partition of σ ∈ [{noise.sigma_min:g}, {noise.sigma_max:g}], B={p.num_blocks}, γ={a.gamma:g}, "
+          f"p_noise: ln σ ~ N({noise.P_mean:g}, {noise.P_std:g}²), depth {layout.depth}")
+    print("edges (ascending): " + ", ".join(f"{e:.4f}" for e in p.edges))
+    head = f"{'block':>5}  {'layers':>9}  {'owns σ in':>19}  {'mass':>6}  {'trains on σ in (γ)':>21}  {'mass':>6}  {'λ(σ) range':>19}  {'calls@' + str(steps):>8}"
+    print(head)
+    print("-" * len(head))
+    for b in range(p.num_blocks):
+        lo, hi = p.interval(b)
+        tlo, thi = p.training_range(b)
+        layers = layout.layers_of(b)
+        w = loss_weight(torch.tensor([thi, tlo], dtype=torch.float64), noise.sigma_data).tolist()
+        print(f"{b:>5}  {f'{layers.start}-{layers.stop - 1}':>9}  {f'[{lo:.4g}, {hi:.4g}]':>19}  {p.mass(b):>6.3f}  "
+              f"{f'[{tlo:.4g}, {thi:.4g}]':>21}  {p.training_mass(b):>6.3f}  {f'{w[0]:.3g} … {w[1]:.3g}':>19}  {calls[b]:>8}")
+    print("block 0 = first layers = highest noise; inference runs block 0 first, from σ_max down.")
+
+
+def cmd_data(a) -> None:
+    from bench.data.images import fetch_fashion_mnist
+    if a.dataset in ("fashion-mnist", "fashion_mnist"):
+        out = fetch_fashion_mnist(Path(a.root) / "fashion_mnist", a.source)
+        print(f"Fashion-MNIST ready in {out} (content verified against the published SHA-256)")
+    else:
+        raise ConfigError(f"unknown dataset {a.dataset!r} for `bench data`; available: fashion-mnist. "
+                          "CIFAR-10/100 are read from a user path (data.root in params.yaml)")
+
+
+def cmd_prepare(a) -> None:
+    """Validate every arm and the data before any compute, and record each arm's budget."""
+    from bench.data.images import TRAIN_SIZES
+    from bench.train import check_run, make_budget
+    plan = {}
+    arms = a.arm or arm_names(a.params)
+    if not arms:
+        raise ConfigError(f"{a.params} defines no arms")
+    for arm in arms:
+        cfg = load_config(a.params, arm, a.set)
+        check_run(cfg)
+        n_train = cfg.data.train_subset or TRAIN_SIZES[cfg.data.dataset]
+        b = make_budget(cfg, n_train)
+        plan[arm] = {"mode": cfg.mode, **b.__dict__}
+        print(f"{arm:>24}: {cfg.mode:<13} {b.total_steps:>8} steps (e2e-equivalent {b.e2e_steps}), warm-up {b.warmup_steps}")
+    raw_suite = load_config(a.params, arms[0]).suite
+    atomic.write_json(Path("runs") / raw_suite / "plan.json", plan)
+
+
+def cmd_train(a) -> None:
+    from bench.train import train
+    cfg = load_config(a.params, a.arm, a.set)
+    s = train(cfg, params_path=a.params, resume=a.resume, progress=not a.no_progress)
+    print(f"{cfg.suite}/{cfg.arm}: test accuracy {s['test_acc']:.4f} after {s['optimizer_steps']} steps "
+          f"({s['layer_evals']} layer evaluations, {s['train_time_s']:.0f} s); outputs in {cfg.out_dir}")
+
+
+def cmd_evaluate(a) -> None:
+    from bench.evaluate import evaluate_arm
+    evaluate_arm(load_config(a.params, a.arm, a.set))
+
+
+def cmd_compare(a) -> None:
+    from bench.report import compare
+    print(f"wrote {compare(a.params, a.results)}")
+
+
+def cmd_run(a) -> None:
+    from bench.evaluate import evaluate_arm
+    from bench.report import compare
+    from bench.train import train
+    cmd_prepare(argparse.Namespace(params=a.params, arm=None, set=a.set))
+    for arm in arm_names(a.params):
+        cfg = load_config(a.params, arm, a.set)
+        train(cfg, params_path=a.params, resume=True, progress=not a.no_progress)
+        evaluate_arm(cfg)
+    print(f"wrote {compare(a.params)}")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="bench", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = p.add_subparsers(dest="command", required=True)
+
+    q = sub.add_parser("partition", help="print each block's σ range, layers and probability mass")
+    q.add_argument("-B", "--num-blocks", type=int, default=3)
+    q.add_argument("--strategy", default="equiprobable", help="equiprobable | log-uniform | linear | explicit")
+    q.add_argument("--gamma", type=float, default=0.0, help="overlap γ (default 0)")
+    q.add_argument("--depth", type=int, default=12, help="number of residual layers (default 12)")
+    q.add_argument("--layers", default="", help="layer distribution, first block first, e.g. 2,4,6")
+    q.add_argument("--edges", default="", help="explicit boundaries (B-1 interior values, or B+1 with the ends)")
+    q.add_argument("--steps", type=int, default=0, help="inference σ points to assign to blocks (default B)")
+    q.add_argument("--P-mean", dest="P_mean", type=float, default=-1.2)
+    q.add_argument("--P-std", dest="P_std", type=float, default=1.2)
+    q.add_argument("--sigma-min", type=float, default=0.002)
+    q.add_argument("--sigma-max", type=float, default=80.0)
+    q.add_argument("--sigma-data", type=float, default=0.5)
+    q.set_defaults(func=cmd_partition)
+
+    q = sub.add_parser("data", help="obtain a dataset offline into data/")
+    q.add_argument("dataset", help="fashion-mnist")
+    q.add_argument("--source", default=None, help="a directory that already holds the files")
+    q.add_argument("--root", default="data")
+    q.set_defaults(func=cmd_data)
+
+    def suite_cmd(name, func, help_, arm=True, arm_required=True):
+        q = sub.add_parser(name, help=help_)
+        q.add_argument("params", help="a suite's params.yaml")
+        if arm:
+            q.add_argument("--arm", required=arm_required, action=None if arm_required else "append")
+        q.add_argument("--set", action="append", default=[], metavar="SECTION.KEY=VALUE",
+                       help="override a param (repeatable)")
+        q.set_defaults(func=func)
+        return q
+
+    suite_cmd("prepare", cmd_prepare, "validate every arm and the dataset; print budgets", arm_required=False)
+    q = suite_cmd("train", cmd_train, "train one arm")
+    q.add_argument("--resume", action="store_true", help="continue from the arm's ckpt.pt")
+    q.add_argument("--no-progress", action="store_true")
+    suite_cmd("evaluate", cmd_evaluate, "evaluate one arm's final weights on the test set")
+    q = suite_cmd("compare", cmd_compare, "write results/<suite>/comparison.{csv,md} and plots", arm=False)
+    q.add_argument("--results", default=None, help="results directory (default: results)")
+    q = suite_cmd("run", cmd_run, "prepare, train (resuming), evaluate every arm, compare", arm=False)
+    q.add_argument("--no-progress", action="store_true")
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    from bench.data.images import DatasetMissing
+    from bench.train import NonFiniteLoss
+    args = build_parser().parse_args(argv)
+    try:
+        args.func(args)
+    except (ConfigError, DatasetMissing, NonFiniteLoss, FileNotFoundError, ValueError) as e:
+        if os.environ.get("BENCH_DEBUG"):
+            raise
+        print(f"bench: error: {e}", file=sys.stderr)  # BENCH_DEBUG=1 shows the traceback
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,271 @@
+"""Run configuration as plain data: a suite's params.yaml → one `RunConfig` per arm.
+
+params.yaml holds the shared settings in sections (data, model, diffusion, train, eval) and an
+`arms` mapping; each arm is a set of dotted overrides on top of the shared settings, e.g.
+
+    arms:
+      e2e:     {mode: e2e}
+      dblocks: {mode: dblocks}
+      dblocks_uniform: {mode: dblocks, diffusion.weighting: uniform}
+
+Every key is checked against the dataclasses below before anything runs: an unknown key, an
+unknown mode or partition, B larger than the depth, γ < 0, σ_min ≥ σ_max … each stop the run
+with a one-line `ConfigError`.
+"""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+MODES = ("e2e", "dblocks", "e2e+ckpt", "dblocks+ckpt")
+RESIDENCY = ("resident", "offload")
+
+
+class ConfigError(ValueError):
+    """Bad user input, reported in one line before any compute."""
+
+
+@dataclass
+class DataConfig:
+    dataset: str = "fashion_mnist"   # fashion_mnist | cifar10 | cifar100
+    root: str = "data"               # where datasets live (see `bench data --help`)
+    augment: str = "none"            # none | crop_flip | randaugment
+    train_subset: int = 0            # use only the first N training images (0: all); for tests
+    test_subset: int = 0             # evaluate on the first N test images (0: all)
+
+
+@dataclass
+class DiffusionConfig:
+    num_blocks: int = 3
+    partition: str = "equiprobable"   # equiprobable | log-uniform | linear | explicit
+    sigma_edges: list = field(default_factory=list)   # for partition: explicit
+    gamma: float = 0.05
+    layer_distribution: list = field(default_factory=list)  # e.g. [2, 4, 6]; empty: equal
+    P_mean: float = -1.2
+    P_std: float = 1.2
+    sigma_min: float = 0.002
+    sigma_max: float = 80.0
+    sigma_data: float = 0.5
+    weighting: str = "lambda"          # lambda (per-sample λ(σ)) | official (mean CE · mean λ) | uniform
+    inference_steps: int = 0           # σ points at inference; 0 → B (one call per block)
+
+
+@dataclass
+class TrainConfig:
+    batch_size: int = 128
+    epochs: float = 3.0                # end-to-end epochs; dblocks runs B× as many steps if compute_match
+    compute_match: bool = True
+    lr: float = 1e-3
+    min_lr: float = 0.0
+    warmup_epochs: float = 0.0         # multiplied by B with compute_match, as the official README
+    weight_decay: float = 0.01
+    grad_clip: float = 1.0
+    seed: int = 0
+    residency: str = "resident"        # resident (official) | offload (inactive blocks off the device)
+    device: str = "auto"               # auto | cpu | cuda | cuda:N
+    threads: int = 0                   # torch CPU threads; 0: torch's default
+    log_every: int = 50                # steps between logged losses
+    ckpt_every: int = 500              # steps between checkpoints
+    curve_points: int = 8              # test evaluations along training (learning curve)
+
+
+@dataclass
+class EvalConfig:
+    batch_size: int = 500
+    seed: int = 1234                   # fixes the inference noise, so accuracy is deterministic
+
+
+@dataclass
+class RunConfig:
+    suite: str
+    arm: str
+    mode: str
+    data: DataConfig
+    model: dict                        # {"arch": name, ...fields of that architecture's config}
+    diffusion: DiffusionConfig
+    train: TrainConfig
+    eval: EvalConfig
+    out_dir: str
+
+    @property
+    def is_dblocks(self) -> bool:
+        return self.mode.startswith("dblocks")
+
+    @property
+    def checkpointing(self) -> bool:
+        return self.mode.endswith("+ckpt")
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+
+SECTIONS = {"data": DataConfig, "model": None, "diffusion": DiffusionConfig,
+            "train": TrainConfig, "eval": EvalConfig}
+TOP_KEYS = {"suite", "arms", "runs_dir", "results_dir", *SECTIONS}
+
+
+def _coerce(section: str, key: str, value: Any, default: Any) -> Any:
+    """Give `value` the type of the field's default; reject what cannot be converted."""
+    where = f"{section}.{key}"
+    if isinstance(default, bool):
+        if isinstance(value, bool):
+            return value
+        if isinstance(value, str) and value.lower() in ("true", "false"):
+            return value.lower() == "true"
+        raise ConfigError(f"{where} must be true or false, got {value!r}")
+    if isinstance(default, (int, float)):
+        try:
+            number = float(value) if isinstance(value, str) else value
+            if not isinstance(number, (int, float)) or isinstance(number, bool):
+                raise TypeError
+        except (TypeError, ValueError):
+            raise ConfigError(f"{where} must be a number, got {value!r}") from None
+        if isinstance(default, int):
+            if float(number) != int(number):
+                raise ConfigError(f"{where} must be an integer, got {value!r}")
+            return int(number)
+        return float(number)
+    if isinstance(default, list):
+        if isinstance(value, str):
+            value = yaml.safe_load(value) if value.strip().startswith("[") else [v for v in value.split(",") if v]
+        if not isinstance(value, (list, tuple)):
+            raise ConfigError(f"{where} must be a list, got {value!r}")
+        return list(value)
+    return str(value)
+
+
+def _apply(target: dict, section: str, values: dict, source: str) -> None:
+    if not isinstance(values, dict):
+        raise ConfigError(f"'{section}' in {source} must be a mapping")
+    if section == "model":
+        arch = str(values.get("arch", target["model"].get("arch", "vit")))
+        target["model"]["arch"] = arch
+        cls = model_config_class(arch)
+        values = {k: v for k, v in values.items() if k != "arch"}
+    else:
+        cls = SECTIONS[section]
+    names = {f.name: f for f in dataclasses.fields(cls)}
+    for key, value in values.items():
+        if key not in names:
+            raise ConfigError(f"unknown params key '{section}.{key}' in {source}; "
+                              f"known keys in '{section}': {', '.join(sorted(names))}")
+        default = names[key].default if names[key].default is not dataclasses.MISSING else names[key].default_factory()
+        target[section][key] = _coerce(section, key, value, default)
+
+
+def model_config_class(arch: str):
+    from bench.models import ARCHS
+    if arch not in ARCHS:
+        raise ConfigError(f"unknown model.arch {arch!r}; available: {', '.join(ARCHS)}")
+    return ARCHS[arch][0]
+
+
+def model_config(model: dict):
+    """The architecture's own config dataclass, built from the `model` section."""
+    return model_config_class(model["arch"])(**{k: v for k, v in model.items() if k != "arch"})
+
+
+def split_override(item: str) -> tuple[str, str]:
+    if "=" not in item:
+        raise ConfigError(f"override {item!r} must look like section.key=value")
+    key, value = item.split("=", 1)
+    return key.strip(), value
+
+
+def _apply_dotted(target: dict, overrides: dict, source: str) -> None:
+    for dotted, value in overrides.items():
+        if dotted == "mode":
+            target["mode"] = str(value)
+            continue
+        section, _, key = dotted.partition(".")
+        if section not in SECTIONS or not key:
+            raise ConfigError(f"unknown params key '{dotted}' in {source}; use section.key with a section "
+                              f"among {', '.join(SECTIONS)} (or 'mode')")
+        _apply(target, section, {key: value}, source)
+
+
+def read_params(path: str | Path) -> dict:
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"params file not found: {path}")
+    with open(path) as f:
+        raw = yaml.safe_load(f) or {}
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{path} must be a YAML mapping")
+    unknown = set(raw) - TOP_KEYS
+    if unknown:
+        raise ConfigError(f"unknown params key '{sorted(unknown)[0]}' in {path}; "
+                          f"top-level keys are: {', '.join(sorted(TOP_KEYS))}")
+    return raw
+
+
+def arm_names(params_path: str | Path) -> list[str]:
+    return list((read_params(params_path).get("arms") or {}).keys())
+
+
+def load_config(params_path: str | Path, arm: str, overrides: list[str] | None = None) -> RunConfig:
+    """The validated configuration of one arm of a suite."""
+    raw = read_params(params_path)
+    source = str(params_path)
+    suite = str(raw.get("suite") or Path(params_path).parent.name)
+    arms = raw.get("arms") or {}
+    if arm not in arms:
+        raise ConfigError(f"unknown arm {arm!r} in {source}; arms: {', '.join(arms) or '(none defined)'}")
+    target: dict[str, Any] = {s: {} for s in SECTIONS}
+    target["mode"] = arm
+    for section in SECTIONS:
+        if section in raw:
+            _apply(target, section, raw[section], source)
+    _apply_dotted(target, arms[arm] or {}, f"{source} (arm {arm})")
+    _apply_dotted(target, dict(split_override(o) for o in overrides or []), "command-line overrides")
+    runs_dir = raw.get("runs_dir", "runs")
+    model = {"arch": "vit", **target["model"]}
+    cfg = RunConfig(
+        suite=suite, arm=arm, mode=target["mode"], model=model,
+        **{s: SECTIONS[s](**copy.deepcopy(target[s])) for s in SECTIONS if s != "model"},
+        out_dir=str(Path(runs_dir) / suite / arm),
+    )
+    validate(cfg)
+    return cfg
+
+
+def validate(cfg: RunConfig) -> None:
+    """Every check that needs no data and no model: fail before any compute."""
+    from bench.blocks import make_layout
+    from bench.diffusion import STRATEGIES, make_partition
+    from bench.diffusion.noise import LogNormalNoise
+    from bench.tasks.classification import WEIGHTINGS
+
+    d, t = cfg.diffusion, cfg.train
+    if cfg.mode not in MODES:
+        raise ConfigError(f"unknown mode {cfg.mode!r} for arm {cfg.arm!r}; modes: {', '.join(MODES)}")
+    if d.partition not in STRATEGIES:
+        raise ConfigError(f"unknown partition {d.partition!r}; choose one of {', '.join(STRATEGIES)}")
+    if d.weighting not in WEIGHTINGS:
+        raise ConfigError(f"unknown weighting {d.weighting!r}; choose one of {', '.join(WEIGHTINGS)}")
+    if d.gamma < 0:
+        raise ConfigError(f"diffusion.gamma must be >= 0, got {d.gamma}")
+    if d.inference_steps < 0:
+        raise ConfigError(f"diffusion.inference_steps must be >= 0, got {d.inference_steps}")
+    if t.residency not in RESIDENCY:
+        raise ConfigError(f"unknown train.residency {t.residency!r}; choose one of {', '.join(RESIDENCY)}")
+    if cfg.data.augment not in ("none", "crop_flip", "randaugment"):
+        raise ConfigError(f"unknown data.augment {cfg.data.augment!r}; choose none, crop_flip or randaugment")
+    for name in ("batch_size", "log_every", "ckpt_every"):
+        if getattr(t, name) < 1:
+            raise ConfigError(f"train.{name} must be >= 1, got {getattr(t, name)}")
+    if t.epochs <= 0 or t.lr <= 0:
+        raise ConfigError(f"train.epochs and train.lr must be positive, got {t.epochs} and {t.lr}")
+    try:
+        noise = LogNormalNoise(d.P_mean, d.P_std, d.sigma_min, d.sigma_max, d.sigma_data)
+        make_partition(d.num_blocks, d.partition, d.gamma, noise, d.sigma_edges or None)
+        arch_cfg = model_config(cfg.model)
+        make_layout(arch_cfg.depth, d.num_blocks, d.layer_distribution or None)
+    except ValueError as e:
+        raise ConfigError(str(e)) from None

@@ -1,0 +1,261 @@
+"""Image datasets: where they come from, how they are checked, and how batches are drawn.
+
+Fashion-MNIST (the CPU-scale stand-in) is obtained offline, in this order of preference:
+  1. a directory the user gives (`bench data fashion-mnist --source DIR`, or $BENCH_FASHION_MNIST_DIR)
+     holding the four IDX files, gzipped or not;
+  2. Debian's `dataset-fashion-mnist` package, if installed (/usr/share/datasets/fashion-mnist);
+  3. the same package fetched with `apt-get download` and unpacked with `dpkg-deb -x` (no root);
+  4. torchvision's download, where a network exists.
+The four files are stored *uncompressed* in data/fashion_mnist/ and checked against the SHA-256
+of their content, so every source yields the same bytes and `data.dvc` the same hash.
+
+CIFAR-10/100 are read in torchvision's on-disk format from a user path (they cannot be
+downloaded on the machines this harness is developed on); a missing dataset stops the run with a
+message naming the path that was searched and how to provide it.
+"""
+
+from __future__ import annotations
+
+import gzip
+import os
+import shutil
+import subprocess
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+
+FASHION_MNIST_FILES = {  # uncompressed content: sha256, bytes
+    "train-images-idx3-ubyte": ("c59f468a2f672dc815687fe0f83887768d799fd8a3f3276145d20f83aa44d888", 47040016),
+    "train-labels-idx1-ubyte": ("bad3541b69d912435c50bb6ba87bec294ff4f6a2e1246121d8633921760443d9", 60008),
+    "t10k-images-idx3-ubyte": ("5b4141f0afbad91edebe8549f8fcffe087ea10ca49f1dbef5c9a5cd8815ce37b", 7840016),
+    "t10k-labels-idx1-ubyte": ("0402a96d92fd2663957122ceb108a494c5af83dab82d92729df917d7dec38c34", 10008),
+}
+DEBIAN_DIR = Path("/usr/share/datasets/fashion-mnist")
+DEBIAN_PACKAGE = "dataset-fashion-mnist"
+
+# per-channel mean and std of the training images (CIFAR-100: the official code's values)
+NORMALISATION = {
+    "fashion_mnist": ((0.2860,), (0.3530,)),
+    "cifar10": ((0.4914, 0.4822, 0.4465), (0.2470, 0.2435, 0.2616)),
+    "cifar100": ((0.5071, 0.4867, 0.4408), (0.2675, 0.2565, 0.2761)),
+}
+SHAPES = {"fashion_mnist": (1, 28, 10), "cifar10": (3, 32, 10), "cifar100": (3, 32, 100)}  # channels, size, classes
+TRAIN_SIZES = {"fashion_mnist": 60000, "cifar10": 50000, "cifar100": 50000}
+DATASETS = tuple(SHAPES)
+
+
+class DatasetMissing(RuntimeError):
+    """A dataset is not where the run looked for it; the message says how to provide it."""
+
+
+# ---- obtaining Fashion-MNIST ------------------------------------------------------------------
+def _sha256(path: Path) -> str:
+    import hashlib
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def _find_idx_files(directory: Path) -> dict[str, Path] | None:
+    """The four IDX files in a directory (plain or .gz, possibly under FashionMNIST/raw)."""
+    for d in (directory, directory / "FashionMNIST" / "raw", directory / "fashion-mnist"):
+        found = {}
+        for name in FASHION_MNIST_FILES:
+            for candidate in (d / name, d / f"{name}.gz"):
+                if candidate.is_file():
+                    found[name] = candidate
+                    break
+        if len(found) == len(FASHION_MNIST_FILES):
+            return found
+    return None
+
+
+def _install_verified(found: dict[str, Path], out: Path, origin: str) -> Path:
+    """Decompress into a temporary directory beside `out`, verify, then move into place."""
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=".fashion_mnist.", dir=out.parent))
+    tmp.chmod(0o755)
+    try:
+        for name, src in found.items():
+            opener = gzip.open if src.suffix == ".gz" else open
+            with opener(src, "rb") as fin, open(tmp / name, "wb") as fout:
+                shutil.copyfileobj(fin, fout)
+            digest, size = FASHION_MNIST_FILES[name]
+            if (tmp / name).stat().st_size != size or _sha256(tmp / name) != digest:
+                raise DatasetMissing(f"{src} (from {origin}) is not the Fashion-MNIST file {name}: "
+                                     f"its content hash differs from the published one")
+        if out.exists():
+            shutil.rmtree(out)
+        os.replace(tmp, out)
+    finally:
+        if tmp.exists():
+            shutil.rmtree(tmp, ignore_errors=True)
+    return out
+
+
+def fashion_mnist_ready(out: Path) -> bool:
+    return all((out / n).is_file() and (out / n).stat().st_size == s for n, (_, s) in FASHION_MNIST_FILES.items())
+
+
+def fetch_fashion_mnist(out: str | Path = "data/fashion_mnist", source: str | Path | None = None,
+                        log=print) -> Path:
+    """Obtain Fashion-MNIST into `out` (see the module docstring for the order of sources)."""
+    out = Path(out)
+    source = source or os.environ.get("BENCH_FASHION_MNIST_DIR")
+    tried = []
+    if source:
+        found = _find_idx_files(Path(source))
+        if not found:
+            raise DatasetMissing(f"no Fashion-MNIST IDX files (train-images-idx3-ubyte[.gz], …) in {source}")
+        log(f"Fashion-MNIST: using {source}")
+        return _install_verified(found, out, f"user directory {source}")
+    if fashion_mnist_ready(out):
+        log(f"Fashion-MNIST: already in {out}")
+        return out
+    found = _find_idx_files(DEBIAN_DIR)
+    if found:
+        log(f"Fashion-MNIST: using the installed Debian package ({DEBIAN_DIR})")
+        return _install_verified(found, out, f"Debian package {DEBIAN_PACKAGE} ({DEBIAN_DIR})")
+    tried.append(f"{DEBIAN_DIR} (not installed)")
+    if shutil.which("apt-get") and shutil.which("dpkg-deb"):
+        with tempfile.TemporaryDirectory() as tmp:
+            log(f"Fashion-MNIST: apt-get download {DEBIAN_PACKAGE}")
+            r = subprocess.run(["apt-get", "download", DEBIAN_PACKAGE], cwd=tmp, capture_output=True, text=True)
+            debs = list(Path(tmp).glob(f"{DEBIAN_PACKAGE}_*.deb"))
+            if r.returncode == 0 and debs:
+                subprocess.run(["dpkg-deb", "-x", str(debs[0]), str(Path(tmp) / "x")], check=True)
+                found = _find_idx_files(Path(tmp) / "x" / DEBIAN_DIR.relative_to("/"))
+                if found:
+                    return _install_verified(found, out, f"Debian package {debs[0].name} (apt-get download)")
+            tried.append(f"apt-get download {DEBIAN_PACKAGE} ({(r.stderr or 'no .deb').strip().splitlines()[-1]})")
+    else:
+        tried.append("apt-get download (apt-get/dpkg-deb not available)")
+    try:
+        import torchvision
+        with tempfile.TemporaryDirectory() as tmp:
+            log("Fashion-MNIST: trying torchvision's download")
+            torchvision.datasets.FashionMNIST(tmp, train=True, download=True)
+            torchvision.datasets.FashionMNIST(tmp, train=False, download=True)
+            found = _find_idx_files(Path(tmp))
+            if found:
+                return _install_verified(found, out, "torchvision download")
+    except Exception as e:  # no network is the usual reason
+        tried.append(f"torchvision download ({type(e).__name__})")
+    raise DatasetMissing("could not obtain Fashion-MNIST; tried: " + "; ".join(tried)
+                         + ". Provide the four IDX files with `bench data fashion-mnist --source DIR`")
+
+
+# ---- loading ----------------------------------------------------------------------------------
+def _read_idx(path: Path) -> np.ndarray:
+    data = path.read_bytes()
+    ndim = data[3]
+    dims = np.frombuffer(data, dtype=">i4", count=ndim, offset=4)
+    return np.frombuffer(data, dtype=np.uint8, offset=4 + 4 * ndim).reshape(tuple(int(d) for d in dims))
+
+
+@dataclass
+class ImageSplit:
+    images: torch.Tensor  # uint8 (N, C, H, W)
+    labels: torch.Tensor  # int64 (N,)
+
+    def __len__(self) -> int:
+        return len(self.labels)
+
+    def head(self, n: int) -> "ImageSplit":
+        return ImageSplit(self.images[:n], self.labels[:n]) if n else self
+
+
+def dataset_dir(dataset: str, root: str | Path) -> Path:
+    return Path(root) / dataset if dataset == "fashion_mnist" else Path(root)
+
+
+def check_dataset(dataset: str, root: str | Path) -> None:
+    """Raise DatasetMissing (one line: where we looked, how to provide it) unless the data is there."""
+    if dataset not in DATASETS:
+        raise DatasetMissing(f"unknown dataset {dataset!r}; available: {', '.join(DATASETS)}")
+    where = dataset_dir(dataset, root)
+    if dataset == "fashion_mnist":
+        if not fashion_mnist_ready(where):
+            raise DatasetMissing(f"Fashion-MNIST not found in {where}: run `bench data fashion-mnist` "
+                                 f"(offline, from Debian's {DEBIAN_PACKAGE}) or `bench data fashion-mnist --source DIR`")
+        return
+    sub = {"cifar10": "cifar-10-batches-py", "cifar100": "cifar-100-python"}[dataset]
+    if not (where / sub).is_dir():
+        raise DatasetMissing(f"{dataset.upper()} not found: looked for {where / sub} (torchvision's on-disk format); "
+                             f"extract {sub.replace('-py', '').replace('-python', '')}-python.tar.gz there or set data.root in params.yaml")
+
+
+def load_dataset(dataset: str, root: str | Path) -> dict[str, ImageSplit]:
+    check_dataset(dataset, root)
+    where = dataset_dir(dataset, root)
+    if dataset == "fashion_mnist":
+        split = {}
+        for name, prefix in (("train", "train"), ("test", "t10k")):
+            x = _read_idx(where / f"{prefix}-images-idx3-ubyte")
+            y = _read_idx(where / f"{prefix}-labels-idx1-ubyte")
+            split[name] = ImageSplit(torch.from_numpy(x.copy()).unsqueeze(1), torch.from_numpy(y.astype(np.int64)))
+        return split
+    import torchvision
+    cls = torchvision.datasets.CIFAR10 if dataset == "cifar10" else torchvision.datasets.CIFAR100
+    split = {}
+    for name in ("train", "test"):
+        ds = cls(str(where), train=name == "train", download=False)
+        split[name] = ImageSplit(torch.from_numpy(ds.data).permute(0, 3, 1, 2).contiguous(),
+                                 torch.tensor(ds.targets, dtype=torch.int64))
+    return split
+
+
+# ---- batches ----------------------------------------------------------------------------------
+class EpochBatches:
+    """Batch `step` of a shuffled, drop-last pass over n examples.  The order depends only on
+    (seed, step), so a resumed run sees exactly the batches an uninterrupted one would."""
+
+    def __init__(self, n: int, batch_size: int, seed: int):
+        if batch_size > n:
+            raise ValueError(f"batch size {batch_size} is larger than the training set ({n})")
+        self.n, self.batch_size, self.seed = n, batch_size, seed
+        self.steps_per_epoch = n // batch_size
+        self._epoch, self._perm = -1, None
+
+    def indices(self, step: int) -> torch.Tensor:
+        epoch, i = divmod(step, self.steps_per_epoch)
+        if epoch != self._epoch:
+            g = torch.Generator().manual_seed(self.seed * 1_000_003 + epoch)
+            self._epoch, self._perm = epoch, torch.randperm(self.n, generator=g)
+        return self._perm[i * self.batch_size:(i + 1) * self.batch_size]
+
+
+def augment(images: torch.Tensor, kind: str, seed: int) -> torch.Tensor:
+    """Random augmentation of a uint8 batch, deterministic in `seed`."""
+    if kind == "none":
+        return images
+    g = torch.Generator().manual_seed(seed)
+    if kind == "crop_flip":  # RandomCrop(size, padding=4) + RandomHorizontalFlip, per sample
+        n, _, h, w = images.shape
+        padded = torch.nn.functional.pad(images, (4, 4, 4, 4))
+        dy, dx = torch.randint(0, 9, (n,), generator=g), torch.randint(0, 9, (n,), generator=g)
+        out = torch.stack([padded[i, :, dy[i]:dy[i] + h, dx[i]:dx[i] + w] for i in range(n)])
+        flip = torch.rand(n, generator=g) < 0.5
+        out[flip] = out[flip].flip(-1)
+        return out
+    if kind == "randaugment":
+        from torchvision.transforms import v2
+        ra = v2.RandAugment()
+        out = augment(images, "crop_flip", seed)
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(seed)
+            return torch.stack([ra(x) for x in out])
+    raise ValueError(f"unknown augmentation {kind!r}")
+
+
+def normalise(images: torch.Tensor, dataset: str) -> torch.Tensor:
+    mean, std = NORMALISATION[dataset]
+    x = images.float() / 255.0
+    m = torch.tensor(mean, device=x.device).view(1, -1, 1, 1)
+    s = torch.tensor(std, device=x.device).view(1, -1, 1, 1)
+    return (x - m) / s

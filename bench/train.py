@@ -1,0 +1,318 @@
+"""One training loop for every arm.
+
+  e2e       backprop through all layers (the task's baseline: a plain classifier for ViT)
+  dblocks   each step samples one block uniformly, draws σ from that block's range, and runs
+            forward and backward through that block's layers plus the shared stem and head only
+  …+ckpt    the same with activation checkpointing per layer
+
+Budgets are compute-matched as in the official code: one dblocks step trains one block, so
+dblocks runs B× the steps (and B× the warm-up) of e2e — the same number of layer evaluations.
+
+A run leaves in its out_dir (timm style): params.yaml (resolved config + provenance), log.csv
+(losses), history.csv (learning curve), summary.csv and metrics.json (final figures), ckpt.pt
+(full state for --resume, written atomically every ckpt_every steps) and final.pt (weights).
+"""
+
+from __future__ import annotations
+
+import math
+import statistics
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import pandas as pd
+import torch
+import yaml
+from tqdm import tqdm
+
+from bench import atomic, track
+from bench.blocks import BlockLayout, BlockSampler, make_layout
+from bench.config import RunConfig, model_config
+from bench.data.images import EpochBatches, ImageSplit, augment, load_dataset, normalise
+from bench.diffusion import LogNormalNoise, Partition, make_partition
+from bench.memory import MemoryMeter
+from bench.models import ARCHS
+from bench.tasks.classification import ClassificationTask
+
+
+class NonFiniteLoss(RuntimeError):
+    """The loss became NaN or infinite; the run stopped and kept its last good checkpoint."""
+
+
+# ---- building blocks of a run -----------------------------------------------------------------
+def resolve_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    device = torch.device(name)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise RuntimeError(f"train.device={name} but CUDA is not available on this machine")
+    return device
+
+
+@dataclass
+class Setup:
+    noise: LogNormalNoise
+    partition: Partition
+    layout: BlockLayout
+    task: ClassificationTask
+
+
+def make_setup(cfg: RunConfig) -> Setup:
+    d = cfg.diffusion
+    noise = LogNormalNoise(d.P_mean, d.P_std, d.sigma_min, d.sigma_max, d.sigma_data)
+    partition = make_partition(d.num_blocks, d.partition, d.gamma, noise, d.sigma_edges or None)
+    layout = make_layout(model_config(cfg.model).depth, d.num_blocks, d.layer_distribution or None)
+    return Setup(noise, partition, layout, ClassificationTask(noise, d.weighting))
+
+
+def build_model(cfg: RunConfig) -> torch.nn.Module:
+    _, model_cls = ARCHS[cfg.model["arch"]]
+    model = model_cls(model_config(cfg.model), conditioned=cfg.is_dblocks)
+    model.grad_checkpointing = cfg.checkpointing
+    return model
+
+
+def check_run(cfg: RunConfig) -> None:
+    """What needs the data's presence but no compute: the dataset is there and fits the model."""
+    from bench.config import ConfigError
+    from bench.data.images import SHAPES, check_dataset
+    check_dataset(cfg.data.dataset, cfg.data.root)
+    channels, size, classes = SHAPES[cfg.data.dataset]
+    m = model_config(cfg.model)
+    if (m.in_channels, m.image_size, m.num_classes) != (channels, size, classes):
+        raise ConfigError(f"arm {cfg.arm}: the model takes {m.in_channels}×{m.image_size}×{m.image_size} images and "
+                          f"{m.num_classes} classes, but {cfg.data.dataset} has {channels}×{size}×{size} and {classes}")
+
+
+@dataclass
+class Budget:
+    steps_per_epoch: int
+    e2e_steps: int      # optimizer steps of the end-to-end arm
+    total_steps: int    # optimizer steps of this arm
+    warmup_steps: int
+
+
+def make_budget(cfg: RunConfig, num_train: int) -> Budget:
+    spe = num_train // cfg.train.batch_size
+    if spe < 1:
+        raise ValueError(f"batch size {cfg.train.batch_size} is larger than the training set ({num_train})")
+    factor = cfg.diffusion.num_blocks if (cfg.is_dblocks and cfg.train.compute_match) else 1
+    e2e = max(1, round(cfg.train.epochs * spe))
+    return Budget(spe, e2e, e2e * factor, round(cfg.train.warmup_epochs * spe) * factor)
+
+
+def lr_factor(step: int, budget: Budget, lr: float, min_lr: float) -> float:
+    """Linear warm-up, then cosine decay to min_lr."""
+    if step < budget.warmup_steps:
+        return (step + 1) / budget.warmup_steps
+    span = max(1, budget.total_steps - budget.warmup_steps)
+    progress = min(1.0, (step - budget.warmup_steps) / span)
+    return (min_lr + (lr - min_lr) * 0.5 * (1 + math.cos(math.pi * progress))) / lr
+
+
+def curve_steps(budget: Budget, points: int) -> set[int]:
+    """Steps after which the learning curve is evaluated (the last one is the end of training)."""
+    return {round(budget.total_steps * k / points) for k in range(1, points + 1)} if points > 0 else {budget.total_steps}
+
+
+def prepare_batch(split: ImageSplit, idx: torch.Tensor, dataset: str, device, augmentation: str = "none",
+                  seed: int = 0) -> tuple:
+    images = augment(split.images[idx], augmentation, seed)
+    return normalise(images, dataset).to(device), split.labels[idx].to(device)
+
+
+@torch.no_grad()
+def evaluate(model, setup: Setup, split: ImageSplit, cfg: RunConfig, device, inference_steps: int = 0) -> dict:
+    """Test accuracy (and mean CE) with the inference noise fixed by eval.seed."""
+    was_training = model.training
+    model.eval()
+    g = torch.Generator().manual_seed(cfg.eval.seed)
+    correct, nll, n = 0, 0.0, len(split)
+    for start in range(0, n, cfg.eval.batch_size):
+        idx = torch.arange(start, min(n, start + cfg.eval.batch_size))
+        x, y = prepare_batch(split, idx, cfg.data.dataset, device)
+        logits = setup.task.predict(model, x, partition=setup.partition if cfg.is_dblocks else None,
+                                    layout=setup.layout, inference_steps=inference_steps, generator=g)
+        correct += int((logits.argmax(-1) == y).sum())
+        nll += float(torch.nn.functional.cross_entropy(logits.float(), y, reduction="sum"))
+    model.train(was_training)
+    return {"test_acc": correct / n, "test_ce": nll / n}
+
+
+# ---- checkpoints ------------------------------------------------------------------------------
+RESUME_IGNORED = {"train.log_every", "train.ckpt_every", "train.device", "train.threads", "eval.batch_size"}
+
+
+def _config_diff(a: dict, b: dict) -> list[str]:
+    fa, fb = track.flatten(a), track.flatten(b)
+    return sorted(k for k in set(fa) | set(fb) if k not in RESUME_IGNORED and fa.get(k) != fb.get(k))
+
+
+# ---- the loop ---------------------------------------------------------------------------------
+def train(cfg: RunConfig, params_path: str | Path | None = None, resume: bool = False,
+          progress: bool = True, log=print) -> dict:
+    check_run(cfg)
+    out = Path(cfg.out_dir)
+    ckpt_path = out / "ckpt.pt"
+    if cfg.train.threads:
+        torch.set_num_threads(cfg.train.threads)
+    device = resolve_device(cfg.train.device)
+    setup = make_setup(cfg)
+    data = load_dataset(cfg.data.dataset, cfg.data.root)
+    train_split, test_split = data["train"].head(cfg.data.train_subset), data["test"].head(cfg.data.test_subset)
+    budget = make_budget(cfg, len(train_split))
+    batches = EpochBatches(len(train_split), cfg.train.batch_size, cfg.train.seed)
+
+    torch.manual_seed(cfg.train.seed)
+    model = build_model(cfg).to(device)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.train.lr, weight_decay=cfg.train.weight_decay)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(
+        optimizer, lambda s: lr_factor(s, budget, cfg.train.lr, cfg.train.min_lr))
+    block_sampler = BlockSampler(cfg.diffusion.num_blocks, cfg.train.seed + 1)
+    noise_gen = torch.Generator().manual_seed(cfg.train.seed + 2)   # σ and ε draws
+
+    state = {"step": 0, "layer_evals": 0, "train_time": 0.0, "history": [], "log": [], "step_times": [],
+             "memory": {}, "mlflow_run_id": None}
+    if resume and ckpt_path.exists():
+        ckpt = torch.load(ckpt_path, map_location=device, weights_only=False)
+        diff = _config_diff(ckpt["config"], cfg.to_dict())
+        if diff:
+            raise ValueError(f"{ckpt_path} was made with different params ({', '.join(diff)}); "
+                             f"start afresh without --resume or restore the params")
+        model.load_state_dict(ckpt["model"])
+        optimizer.load_state_dict(ckpt["optimizer"])
+        scheduler.load_state_dict(ckpt["scheduler"])
+        block_sampler.load_state_dict(ckpt["block_sampler"])
+        noise_gen.set_state(ckpt["noise_rng"])
+        torch.set_rng_state(ckpt["torch_rng"])
+        if device.type == "cuda" and ckpt.get("cuda_rng") is not None:
+            torch.cuda.set_rng_state(ckpt["cuda_rng"], device)
+        state = ckpt["state"]
+        log(f"resumed {cfg.suite}/{cfg.arm} from {ckpt_path} at step {state['step']}/{budget.total_steps}")
+    elif resume:
+        log(f"--resume: no checkpoint at {ckpt_path}; starting afresh")
+
+    prov = track.provenance(device)
+    atomic.write_text(out / "params.yaml", yaml.safe_dump({**cfg.to_dict(), "provenance": prov,
+                                                          "budget": budget.__dict__}, sort_keys=False))
+    tracker = track.Tracker(cfg.suite, cfg.arm, params_path, run_id=state["mlflow_run_id"])
+    state["mlflow_run_id"] = tracker.run_id
+    if state["step"] == 0:
+        tracker.log_params({**cfg.to_dict(), "budget": budget.__dict__})
+        tracker.set_tags({"bench.arm": cfg.arm, "bench.mode": cfg.mode, **{f"bench.{k}": v for k, v in prov.items()}})
+
+    def save_checkpoint() -> None:
+        atomic.torch_save(ckpt_path, {
+            "config": cfg.to_dict(), "model": model.state_dict(), "optimizer": optimizer.state_dict(),
+            "scheduler": scheduler.state_dict(), "block_sampler": block_sampler.state_dict(),
+            "noise_rng": noise_gen.get_state(), "torch_rng": torch.get_rng_state(),
+            "cuda_rng": torch.cuda.get_rng_state(device) if device.type == "cuda" else None, "state": state})
+
+    evals_at = curve_steps(budget, cfg.train.curve_points)
+    pending: list[tuple[str, float, int]] = []   # per-step metrics, flushed to MLflow in batches
+    window: dict[str, list[float]] = {}
+    model.train()
+    bar = tqdm(total=budget.total_steps, initial=state["step"], disable=not progress,
+               desc=f"{cfg.suite}/{cfg.arm}", unit="step", dynamic_ncols=True)
+    try:
+        while state["step"] < budget.total_steps:
+            step = state["step"]
+            x, y = prepare_batch(train_split, batches.indices(step), cfg.data.dataset, device,
+                                 cfg.data.augment, seed=cfg.train.seed * 7919 + step)
+            if cfg.is_dblocks:
+                block = block_sampler.sample()
+                layers = setup.layout.layers_of(block)
+                sigma = setup.partition.sample_training_sigma(block, len(y), noise_gen)
+            else:
+                block, layers, sigma = None, setup.layout.all_layers(), None
+            # memory is measured once per block (its first step after two warm-up steps)
+            meter_key = "all" if block is None else f"block{block}"
+            measure = step >= 2 and meter_key not in state["memory"]
+            meter = MemoryMeter(model, optimizer, device) if measure else None
+            t0 = time.perf_counter()
+            if meter:
+                meter.__enter__()
+            loss, extra = setup.task.loss(model, (x, y), sigma=sigma, layers=layers, generator=noise_gen)
+            if not torch.isfinite(loss):
+                if meter:
+                    meter.__exit__(None, None, None)
+                raise NonFiniteLoss(
+                    f"{cfg.suite}/{cfg.arm}: loss is {loss.item()} at step {step}"
+                    + (f" (block {block})" if block is not None else "")
+                    + f", lr {scheduler.get_last_lr()[0]:.3g}; stopped. Last good checkpoint: "
+                    + (f"{ckpt_path} (step {torch.load(ckpt_path, weights_only=False)['state']['step']})"
+                       if ckpt_path.exists() else "none yet")
+                    + ". Lower train.lr or raise train.warmup_epochs, then rerun with --resume")
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.train.grad_clip)
+            optimizer.step()
+            scheduler.step()
+            if meter:
+                meter.__exit__(None, None, None)
+                state["memory"][meter_key] = meter.report().to_dict()
+            else:
+                if device.type == "cuda":
+                    torch.cuda.synchronize(device)
+                state["step_times"].append(time.perf_counter() - t0)
+            state["train_time"] += time.perf_counter() - t0
+            state["step"] = step = step + 1
+            state["layer_evals"] += len(layers)
+
+            values = {"train/loss": loss.item(), "train/ce": float(extra["ce"]), "train/grad_norm": float(grad_norm),
+                      "train/lr": scheduler.get_last_lr()[0]}
+            if block is not None:
+                values[f"train/loss_block{block}"] = values["train/loss"]
+            pending += [(k, v, step) for k, v in values.items()]
+            for k, v in values.items():
+                window.setdefault(k, []).append(v)
+            if step % cfg.train.log_every == 0 or step == budget.total_steps:
+                row = {"step": step, "layer_evals": state["layer_evals"],
+                       **{k: sum(v) / len(v) for k, v in window.items()}}
+                state["log"].append(row)
+                tracker.log_metric_batch(pending)
+                pending, window = [], {}
+                bar.set_postfix(loss=f"{row['train/loss']:.3g}")
+            if step in evals_at:
+                metrics = evaluate(model, setup, test_split, cfg, device)
+                point = {"step": step, "layer_evals": state["layer_evals"],
+                         "epochs_equiv": state["layer_evals"] / (budget.steps_per_epoch * setup.layout.depth),
+                         "train_time_s": state["train_time"], **metrics}
+                state["history"].append(point)
+                tracker.log_metrics({"test/acc": metrics["test_acc"], "test/ce": metrics["test_ce"]}, step=step)
+                bar.write(f"{cfg.suite}/{cfg.arm} step {step}/{budget.total_steps}: test acc {metrics['test_acc']:.4f}")
+            if step % cfg.train.ckpt_every == 0 or step == budget.total_steps:
+                save_checkpoint()
+            bar.update(1)
+    except BaseException as e:
+        bar.close()
+        tracker.log_metric_batch(pending)
+        tracker.end("FAILED" if isinstance(e, NonFiniteLoss) else "KILLED")
+        raise
+    bar.close()
+
+    # ---- results --------------------------------------------------------------------------
+    final = state["history"][-1]
+    mem = max(state["memory"].values(), key=lambda m: m["peak_bytes"])
+    times = state["step_times"]
+    summary = {
+        "suite": cfg.suite, "arm": cfg.arm, "mode": cfg.mode, "num_blocks": cfg.diffusion.num_blocks if cfg.is_dblocks else 1,
+        "test_acc": final["test_acc"], "test_ce": final["test_ce"], "optimizer_steps": state["step"],
+        "layer_evals": state["layer_evals"], "epochs_equiv": final["epochs_equiv"],
+        "train_time_s": state["train_time"], "median_step_s": statistics.median(times) if times else float("nan"),
+        "peak_mem_bytes": mem["peak_bytes"], "peak_mem_params": mem["parameters"], "peak_mem_grads": mem["gradients"],
+        "peak_mem_optim": mem["optimizer_state"], "peak_mem_activations": mem["activations"],
+        "cuda_allocator_peak_bytes": mem["allocator_peak_bytes"], "rss_peak_bytes": mem["rss_peak_bytes"],
+        "device": prov["device_name"], "git_sha": prov["git_sha"], "seed": cfg.train.seed,
+    }
+    atomic.torch_save(out / "final.pt", {"config": cfg.to_dict(), "model": model.state_dict(), "summary": summary})
+    atomic.write_csv(out / "history.csv", pd.DataFrame(state["history"]))
+    atomic.write_csv(out / "log.csv", pd.DataFrame(state["log"]))
+    atomic.write_csv(out / "summary.csv", pd.DataFrame([summary]))
+    atomic.write_json(out / "metrics.json", {**summary, "memory_by_block": state["memory"]})
+    tracker.log_metrics({k: v for k, v in summary.items() if isinstance(v, (int, float)) and not isinstance(v, bool)})
+    for name in ("summary.csv", "history.csv", "params.yaml"):
+        tracker.log_artifact(out / name)
+    tracker.end()
+    return summary
