@@ -86,7 +86,8 @@ def cmd_prepare(a) -> None:
 def cmd_train(a) -> None:
     from bench.train import train
     cfg = load_config(a.params, a.arm, a.set)
-    s = train(cfg, params_path=a.params, resume=a.resume, progress=not a.no_progress)
+    s = train(cfg, params_path=a.params, resume="auto" if a.resume_if_compatible else a.resume,
+              progress=not a.no_progress)
     print(f"{cfg.suite}/{cfg.arm}: test accuracy {s['test_acc']:.4f} after {s['optimizer_steps']} steps "
           f"({s['layer_evals']} layer evaluations, {s['train_time_s']:.0f} s); outputs in {cfg.out_dir}")
 
@@ -108,7 +109,7 @@ def cmd_run(a) -> None:
     cmd_prepare(argparse.Namespace(params=a.params, arm=None, set=a.set))
     for arm in arm_names(a.params):
         cfg = load_config(a.params, arm, a.set)
-        train(cfg, params_path=a.params, resume=True, progress=not a.no_progress)
+        train(cfg, params_path=a.params, resume="auto", progress=not a.no_progress)
         evaluate_arm(cfg)
     print(f"wrote {compare(a.params)}")
 
@@ -150,7 +151,10 @@ def build_parser() -> argparse.ArgumentParser:
 
     suite_cmd("prepare", cmd_prepare, "validate every arm and the dataset; print budgets", arm_required=False)
     q = suite_cmd("train", cmd_train, "train one arm")
-    q.add_argument("--resume", action="store_true", help="continue from the arm's ckpt.pt")
+    q.add_argument("--resume", action="store_true",
+                   help="continue from the arm's ckpt.pt (refused if it was made with other params)")
+    q.add_argument("--resume-if-compatible", action="store_true",
+                   help="continue from ckpt.pt if it was made with the same params, else start afresh (DVC uses this)")
     q.add_argument("--no-progress", action="store_true")
     suite_cmd("evaluate", cmd_evaluate, "evaluate one arm's final weights on the test set")
     q = suite_cmd("compare", cmd_compare, "write results/<suite>/comparison.{csv,md} and plots", arm=False)

@@ -150,8 +150,11 @@ def _config_diff(a: dict, b: dict) -> list[str]:
 
 
 # ---- the loop ---------------------------------------------------------------------------------
-def train(cfg: RunConfig, params_path: str | Path | None = None, resume: bool = False,
+def train(cfg: RunConfig, params_path: str | Path | None = None, resume: bool | str = False,
           progress: bool = True, log=print) -> dict:
+    """Train one arm.  resume: False (start afresh), True (continue from ckpt.pt; refuse if it was
+    made with other params) or "auto" (continue if it was made with the same params, otherwise
+    move it aside to ckpt.stale.pt and start afresh: what a pipeline rerun after a params edit needs)."""
     check_run(cfg)
     out = Path(cfg.out_dir)
     ckpt_path = out / "ckpt.pt"
@@ -174,12 +177,17 @@ def train(cfg: RunConfig, params_path: str | Path | None = None, resume: bool = 
 
     state = {"step": 0, "layer_evals": 0, "train_time": 0.0, "history": [], "log": [], "step_times": [],
              "memory": {}, "mlflow_run_id": None}
-    if resume and ckpt_path.exists():
-        ckpt = torch.load(ckpt_path, map_location=device, weights_only=False)
+    ckpt = torch.load(ckpt_path, map_location=device, weights_only=False) if resume and ckpt_path.exists() else None
+    if ckpt is not None:
         diff = _config_diff(ckpt["config"], cfg.to_dict())
-        if diff:
+        if diff and resume == "auto":
+            log(f"{ckpt_path} was made with different params ({', '.join(diff)}); moved to ckpt.stale.pt, starting afresh")
+            ckpt_path.replace(out / "ckpt.stale.pt")
+            ckpt = None
+        elif diff:
             raise ValueError(f"{ckpt_path} was made with different params ({', '.join(diff)}); "
                              f"start afresh without --resume or restore the params")
+    if ckpt is not None:
         model.load_state_dict(ckpt["model"])
         optimizer.load_state_dict(ckpt["optimizer"])
         scheduler.load_state_dict(ckpt["scheduler"])
@@ -190,7 +198,7 @@ def train(cfg: RunConfig, params_path: str | Path | None = None, resume: bool = 
             torch.cuda.set_rng_state(ckpt["cuda_rng"], device)
         state = ckpt["state"]
         log(f"resumed {cfg.suite}/{cfg.arm} from {ckpt_path} at step {state['step']}/{budget.total_steps}")
-    elif resume:
+    elif resume is True:
         log(f"--resume: no checkpoint at {ckpt_path}; starting afresh")
 
     prov = track.provenance(device)
@@ -264,6 +272,7 @@ def train(cfg: RunConfig, params_path: str | Path | None = None, resume: bool = 
                       "train/lr": scheduler.get_last_lr()[0]}
             if block is not None:
                 values[f"train/loss_block{block}"] = values["train/loss"]
+                values[f"train/ce_block{block}"] = values["train/ce"]
             pending += [(k, v, step) for k, v in values.items()]
             for k, v in values.items():
                 window.setdefault(k, []).append(v)

@@ -126,6 +126,10 @@ def fetch_fashion_mnist(out: str | Path = "data/fashion_mnist", source: str | Pa
         with tempfile.TemporaryDirectory() as tmp:
             log(f"Fashion-MNIST: apt-get download {DEBIAN_PACKAGE}")
             r = subprocess.run(["apt-get", "download", DEBIAN_PACKAGE], cwd=tmp, capture_output=True, text=True)
+            if r.returncode != 0 and "Unable to locate" in r.stderr and os.geteuid() == 0:
+                log("Fashion-MNIST: package lists are empty; running apt-get update")
+                subprocess.run(["apt-get", "update"], capture_output=True)
+                r = subprocess.run(["apt-get", "download", DEBIAN_PACKAGE], cwd=tmp, capture_output=True, text=True)
             debs = list(Path(tmp).glob(f"{DEBIAN_PACKAGE}_*.deb"))
             if r.returncode == 0 and debs:
                 subprocess.run(["dpkg-deb", "-x", str(debs[0]), str(Path(tmp) / "x")], check=True)
@@ -184,10 +188,11 @@ def check_dataset(dataset: str, root: str | Path) -> None:
             raise DatasetMissing(f"Fashion-MNIST not found in {where}: run `bench data fashion-mnist` "
                                  f"(offline, from Debian's {DEBIAN_PACKAGE}) or `bench data fashion-mnist --source DIR`")
         return
-    sub = {"cifar10": "cifar-10-batches-py", "cifar100": "cifar-100-python"}[dataset]
+    name, sub, archive = {"cifar10": ("CIFAR-10", "cifar-10-batches-py", "cifar-10-python.tar.gz"),
+                          "cifar100": ("CIFAR-100", "cifar-100-python", "cifar-100-python.tar.gz")}[dataset]
     if not (where / sub).is_dir():
-        raise DatasetMissing(f"{dataset.upper()} not found: looked for {where / sub} (torchvision's on-disk format); "
-                             f"extract {sub.replace('-py', '').replace('-python', '')}-python.tar.gz there or set data.root in params.yaml")
+        raise DatasetMissing(f"{name} not found: looked for {where / sub} (torchvision's on-disk format); "
+                             f"extract {archive} into {where} or set data.root in params.yaml")
 
 
 def load_dataset(dataset: str, root: str | Path) -> dict[str, ImageSplit]:

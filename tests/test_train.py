@@ -1,0 +1,107 @@
+"""The trainer on real Fashion-MNIST: resume equals an uninterrupted run; DiffusionBlocks learns."""
+
+import math
+
+import pytest
+import torch
+
+import bench.train as train_mod
+from bench.config import load_config
+from bench.evaluate import evaluate_arm
+from bench.train import NonFiniteLoss, make_budget, train
+
+PARAMS = """
+suite: tiny
+runs_dir: {runs}
+data: {{dataset: fashion_mnist, root: {root}, train_subset: {n_train}, test_subset: 1000}}
+model: {{arch: vit, image_size: 28, patch_size: 7, hidden: 64, depth: 6, heads: 4, mlp_dim: 128, dropout: 0.1}}
+diffusion: {{num_blocks: 3, gamma: 0.05}}
+train: {{epochs: {epochs}, batch_size: 64, lr: 2.0e-3, warmup_epochs: 0.1, min_lr: 1.0e-5, ckpt_every: 5,
+         curve_points: 4, threads: 2}}
+eval: {{batch_size: 500}}
+arms:
+  e2e: {{mode: e2e}}
+  dblocks: {{mode: dblocks}}
+  dblocks_uniform: {{mode: dblocks, diffusion.weighting: uniform}}
+"""
+
+
+def make_params(tmp_path, root, n_train=640, epochs=1.0):
+    p = tmp_path / "params.yaml"
+    p.write_text(PARAMS.format(runs=tmp_path / "runs", root=root, n_train=n_train, epochs=epochs))
+    return p
+
+
+def test_compute_matched_budget(tmp_path, fashion_root):
+    p = make_params(tmp_path, fashion_root)
+    e2e, db = make_budget(load_config(p, "e2e"), 640), make_budget(load_config(p, "dblocks"), 640)
+    assert e2e.total_steps == 10 and db.total_steps == 30  # DB: B× the steps of one block
+    assert db.warmup_steps == 3 * e2e.warmup_steps
+
+
+def test_resume_after_interruption_matches_uninterrupted_run(tmp_path, fashion_root, monkeypatch):
+    p = make_params(tmp_path, fashion_root)
+    straight = load_config(p, "dblocks", [f"train.seed=3"])
+    train(straight, progress=False, log=lambda *_: None)
+    reference = torch.load(tmp_path / "runs/tiny/dblocks/final.pt", weights_only=False)
+
+    interrupted = load_config(p, "dblocks", ["train.seed=3"])
+    interrupted.out_dir = str(tmp_path / "runs/tiny/dblocks_interrupted")
+    real_evaluate, calls = train_mod.evaluate, []
+
+    def evaluate_then_die(*args, **kwargs):
+        calls.append(1)
+        if len(calls) == 2:  # the second curve point, at step 15 of 30; last checkpoint at step 10
+            raise KeyboardInterrupt
+        return real_evaluate(*args, **kwargs)
+
+    monkeypatch.setattr(train_mod, "evaluate", evaluate_then_die)
+    with pytest.raises(KeyboardInterrupt):
+        train(interrupted, progress=False, log=lambda *_: None)
+    ckpt = torch.load(tmp_path / "runs/tiny/dblocks_interrupted/ckpt.pt", weights_only=False)
+    assert ckpt["state"]["step"] == 10
+    monkeypatch.setattr(train_mod, "evaluate", real_evaluate)
+    summary = train(interrupted, resume=True, progress=False, log=lambda *_: None)
+    resumed = torch.load(tmp_path / "runs/tiny/dblocks_interrupted/final.pt", weights_only=False)
+    for name, w in reference["model"].items():
+        assert torch.equal(w, resumed["model"][name]), f"{name} differs after resume"
+    assert summary["test_acc"] == reference["summary"]["test_acc"]
+    assert summary["optimizer_steps"] == 30
+
+
+def test_resume_refuses_changed_params(tmp_path, fashion_root):
+    p = make_params(tmp_path, fashion_root, n_train=256)
+    train(load_config(p, "e2e"), progress=False, log=lambda *_: None)
+    with pytest.raises(ValueError, match="train.lr"):
+        train(load_config(p, "e2e", ["train.lr=1e-4"]), resume=True, progress=False, log=lambda *_: None)
+
+
+def test_non_finite_loss_stops_and_keeps_last_good_checkpoint(tmp_path, fashion_root, monkeypatch):
+    p = make_params(tmp_path, fashion_root)
+    cfg = load_config(p, "dblocks")
+    from bench.tasks.classification import ClassificationTask
+    real_loss, calls = ClassificationTask.loss, []
+
+    def loss_goes_nan(self, *args, **kwargs):
+        calls.append(1)
+        loss, extra = real_loss(self, *args, **kwargs)
+        return (loss * math.nan if len(calls) == 13 else loss), extra
+
+    monkeypatch.setattr(ClassificationTask, "loss", loss_goes_nan)
+    with pytest.raises(NonFiniteLoss, match=r"loss is nan at step 12 \(block \d\).*ckpt.pt \(step 10\)"):
+        train(cfg, progress=False, log=lambda *_: None)
+    ckpt = torch.load(tmp_path / "runs/tiny/dblocks/ckpt.pt", weights_only=False)
+    assert ckpt["state"]["step"] == 10
+    assert all(torch.isfinite(v).all() for v in ckpt["model"].values())
+
+
+@pytest.mark.slow
+def test_short_real_training_dblocks_beats_chance_by_far(tmp_path, fashion_root):
+    """~1 min on 2 cores: 4000 real training images, 2 e2e-epoch equivalents."""
+    p = make_params(tmp_path, fashion_root, n_train=4000, epochs=2.0)
+    s = train(load_config(p, "dblocks_uniform", ["train.ckpt_every=1000"]), progress=False, log=lambda *_: None)
+    assert s["optimizer_steps"] == 3 * 2 * (4000 // 64)
+    assert s["test_acc"] > 0.5, s  # chance is 0.10
+    ev = evaluate_arm(load_config(p, "dblocks_uniform"), log=lambda *_: None)
+    assert ev["test_acc"] == pytest.approx(s["test_acc"])  # same inference noise seed → same accuracy
+    assert set(ev) >= {"test_acc@3steps", "test_acc@4steps"}
