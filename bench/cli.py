@@ -66,17 +66,18 @@ def cmd_data(a) -> None:
 
 def cmd_prepare(a) -> None:
     """Validate every arm and the data before any compute, and record each arm's budget."""
-    from bench.data.images import TRAIN_SIZES
-    from bench.train import check_run, make_budget
+    from bench.tasks import make_task
+    from bench.train import make_budget
     plan = {}
     arms = a.arm or arm_names(a.params)
     if not arms:
         raise ConfigError(f"{a.params} defines no arms")
     for arm in arms:
         cfg = load_config(a.params, arm, a.set)
-        check_run(cfg)
-        n_train = cfg.data.train_subset or TRAIN_SIZES[cfg.data.dataset]
-        b = make_budget(cfg, n_train)
+        task = make_task(cfg)
+        task.check()
+        task.load()
+        b = make_budget(cfg, task.num_train)
         plan[arm] = {"mode": cfg.mode, **b.__dict__}
         print(f"{arm:>24}: {cfg.mode:<13} {b.total_steps:>8} steps (e2e-equivalent {b.e2e_steps}), warm-up {b.warmup_steps}")
     raw_suite = load_config(a.params, arms[0]).suite
@@ -88,7 +89,7 @@ def cmd_train(a) -> None:
     cfg = load_config(a.params, a.arm, a.set)
     s = train(cfg, params_path=a.params, resume="auto" if a.resume_if_compatible else a.resume,
               progress=not a.no_progress)
-    print(f"{cfg.suite}/{cfg.arm}: test accuracy {s['test_acc']:.4f} after {s['optimizer_steps']} steps "
+    print(f"{cfg.suite}/{cfg.arm}: {s['metric']} {s[s['metric']]:.4f} after {s['optimizer_steps']} steps "
           f"({s['layer_evals']} layer evaluations, {s['train_time_s']:.0f} s); outputs in {cfg.out_dir}")
 
 

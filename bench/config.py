@@ -79,6 +79,8 @@ class TrainConfig:
 class EvalConfig:
     batch_size: int = 500
     seed: int = 1234                   # fixes the inference noise, so accuracy is deterministic
+    noise_draws: int = 1               # inference noises averaged per test example (official: 1)
+    final_noise_draws: int = 8         # the final evaluation also reports this many (0: skip)
 
 
 @dataclass
@@ -86,6 +88,7 @@ class RunConfig:
     suite: str
     arm: str
     mode: str
+    task: str                          # classification | … (bench.tasks.TASKS)
     data: DataConfig
     model: dict                        # {"arch": name, ...fields of that architecture's config}
     diffusion: DiffusionConfig
@@ -107,7 +110,7 @@ class RunConfig:
 
 SECTIONS = {"data": DataConfig, "model": None, "diffusion": DiffusionConfig,
             "train": TrainConfig, "eval": EvalConfig}
-TOP_KEYS = {"suite", "arms", "runs_dir", "results_dir", *SECTIONS}
+TOP_KEYS = {"suite", "task", "arms", "runs_dir", "results_dir", *SECTIONS}
 
 
 def _coerce(section: str, key: str, value: Any, default: Any) -> Any:
@@ -227,7 +230,7 @@ def load_config(params_path: str | Path, arm: str, overrides: list[str] | None =
     runs_dir = raw.get("runs_dir", "runs")
     model = {"arch": "vit", **target["model"]}
     cfg = RunConfig(
-        suite=suite, arm=arm, mode=target["mode"], model=model,
+        suite=suite, arm=arm, mode=target["mode"], task=str(raw.get("task", "classification")), model=model,
         **{s: SECTIONS[s](**copy.deepcopy(target[s])) for s in SECTIONS if s != "model"},
         out_dir=str(Path(runs_dir) / suite / arm),
     )
@@ -240,9 +243,11 @@ def validate(cfg: RunConfig) -> None:
     from bench.blocks import make_layout
     from bench.diffusion import STRATEGIES, make_partition
     from bench.diffusion.noise import LogNormalNoise
-    from bench.tasks.classification import WEIGHTINGS
+    from bench.diffusion import WEIGHTINGS
+    from bench.tasks import task_class
 
     d, t = cfg.diffusion, cfg.train
+    task_class(cfg.task)
     if cfg.mode not in MODES:
         raise ConfigError(f"unknown mode {cfg.mode!r} for arm {cfg.arm!r}; modes: {', '.join(MODES)}")
     if d.partition not in STRATEGIES:
@@ -260,6 +265,8 @@ def validate(cfg: RunConfig) -> None:
     for name in ("batch_size", "log_every", "ckpt_every"):
         if getattr(t, name) < 1:
             raise ConfigError(f"train.{name} must be >= 1, got {getattr(t, name)}")
+    if cfg.eval.noise_draws < 1 or cfg.eval.batch_size < 1:
+        raise ConfigError("eval.noise_draws and eval.batch_size must be >= 1")
     if t.epochs <= 0 or t.lr <= 0:
         raise ConfigError(f"train.epochs and train.lr must be positive, got {t.epochs} and {t.lr}")
     try:

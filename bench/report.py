@@ -33,9 +33,13 @@ def _markdown_table(df: pd.DataFrame) -> str:
     return head + "".join("| " + " | ".join(fmt(v) for v in row) + " |\n" for row in df.itertuples(index=False))
 
 
-def collect(params_path: str | Path) -> tuple[pd.DataFrame, dict[str, pd.DataFrame]]:
-    """Per-arm summary rows and learning curves from the suite's run directories."""
-    rows, curves = [], {}
+def _is_number(v) -> bool:
+    return isinstance(v, (int, float)) and not isinstance(v, bool)
+
+
+def collect(params_path: str | Path) -> tuple[pd.DataFrame, dict[str, pd.DataFrame], str]:
+    """Per-arm summary rows, learning curves, and the name of the suite's metric."""
+    rows, curves, metric = [], {}, None
     for arm in arm_names(params_path):
         cfg = load_config(params_path, arm)
         out = Path(cfg.out_dir)
@@ -43,13 +47,14 @@ def collect(params_path: str | Path) -> tuple[pd.DataFrame, dict[str, pd.DataFra
             raise FileNotFoundError(f"{out / 'summary.csv'} not found: run `bench train {params_path} --arm {arm}` first")
         s = pd.read_csv(out / "summary.csv").iloc[0].to_dict()
         ev = json.loads((out / "eval.json").read_text()) if (out / "eval.json").exists() else {}
-        B = cfg.diffusion.num_blocks
-        rows.append({
-            "arm": arm, "mode": cfg.mode, "B": B if cfg.is_dblocks else "-",
-            "weighting": cfg.diffusion.weighting if cfg.is_dblocks else "-",
-            "P_mean": cfg.diffusion.P_mean if cfg.is_dblocks else "-",
-            "test_acc": ev.get("test_acc", s["test_acc"]),
-            f"test_acc_B+1_steps": ev.get(f"test_acc@{B + 1}steps", float("nan")) if cfg.is_dblocks else float("nan"),
+        metric = s.get("metric", "test_acc")  # runs from before the metric column: classification
+        row = {"arm": arm, "mode": cfg.mode, "B": cfg.diffusion.num_blocks if cfg.is_dblocks else "-",
+               "weighting": cfg.diffusion.weighting if cfg.is_dblocks else "-",
+               "P_mean": cfg.diffusion.P_mean if cfg.is_dblocks else "-",
+               metric: ev.get(metric, s[metric])}
+        # the final evaluation's variants (e.g. accuracy with B+1 inference steps)
+        row.update({k: v for k, v in ev.items() if "@" in k and _is_number(v)})
+        row.update({
             "optimizer_steps": int(s["optimizer_steps"]), "layer_evals": int(s["layer_evals"]),
             "epochs_equiv": s["epochs_equiv"], "train_time_s": s["train_time_s"],
             "median_step_ms": 1000 * s["median_step_s"],
@@ -58,23 +63,26 @@ def collect(params_path: str | Path) -> tuple[pd.DataFrame, dict[str, pd.DataFra
             "activations_MiB": s["peak_mem_activations"] / MiB,
             "device": s["device"], "git_sha": str(s["git_sha"])[:12],
         })
+        rows.append(row)
         curves[arm] = pd.read_csv(out / "history.csv")
     table = pd.DataFrame(rows)
     e2e = table[table["mode"].str.startswith("e2e")]
     if len(e2e):
-        table.insert(6, "gap_to_e2e_pts", 100 * (table["test_acc"] - e2e.iloc[0]["test_acc"]))
-    return table, curves
+        scale = 100 if metric.endswith("acc") else 1
+        table.insert(6, "gap_to_e2e" + ("_pts" if scale == 100 else ""), scale * (table[metric] - e2e.iloc[0][metric]))
+    return table, curves, metric
 
 
-def plot_curves(curves: dict[str, pd.DataFrame], path: Path, title: str) -> Path:
+def plot_curves(curves: dict[str, pd.DataFrame], metric: str, path: Path, title: str) -> Path:
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
     fig, ax = plt.subplots(figsize=(7, 4.5))
+    scale = 100 if metric.endswith("acc") else 1
     for arm, df in curves.items():
-        ax.plot(df["epochs_equiv"], 100 * df["test_acc"], marker="o", label=arm)
+        ax.plot(df["epochs_equiv"], scale * df[metric], marker="o", label=arm)
     ax.set_xlabel("training compute (epoch-equivalents of full-depth layer evaluations)")
-    ax.set_ylabel("test accuracy (%)")
+    ax.set_ylabel(f"{metric}" + (" (%)" if scale == 100 else ""))
     ax.set_title(title, fontsize=10)
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8)
@@ -91,16 +99,17 @@ def compare(params_path: str | Path, results_dir: str | Path | None = None, note
     raw = read_params(params_path)
     suite = str(raw.get("suite") or Path(params_path).parent.name)
     out = Path(results_dir or raw.get("results_dir") or "results") / suite
-    table, curves = collect(params_path)
-    curve_png = plot_curves(curves, out / "learning_curve.png",
-                            f"{suite}: test accuracy vs training compute (same budget for every arm)")
+    table, curves, metric = collect(params_path)
+    scale = 100 if metric.endswith("acc") else 1
+    curve_png = plot_curves(curves, metric, out / "learning_curve.png",
+                            f"{suite}: {metric} vs training compute (same budget for every arm)")
     atomic.write_csv(out / "comparison.csv", table)
 
     # the gap along the curve, at equal compute fractions
-    along = pd.DataFrame({"fraction_of_budget": [f"{(i + 1)}/{len(next(iter(curves.values())))}"
-                                                for i in range(len(next(iter(curves.values()))))]})
+    points = max(len(df) for df in curves.values())
+    along = pd.DataFrame({"fraction_of_budget": [f"{i + 1}/{points}" for i in range(points)]})
     for arm, df in curves.items():
-        along[arm] = (100 * df["test_acc"]).round(2).tolist() + [float("nan")] * (len(along) - len(df))
+        along[arm] = (scale * df[metric]).round(4).tolist() + [float("nan")] * (points - len(df))
     atomic.write_csv(out / "learning_curve.csv", along)
 
     device = table["device"].iloc[0]
@@ -109,18 +118,17 @@ def compare(params_path: str | Path, results_dir: str | Path | None = None, note
           notes.strip() + "\n" if notes else "",
           "## Final figures (matched training compute)\n",
           _markdown_table(table.drop(columns=["device", "git_sha"])),
-          "\nColumns: `test_acc` with the default inference (B chained calls for DiffusionBlocks); "
-          "`test_acc_B+1_steps` with B+1 σ points (the paper's App. E.1 wording); `gap_to_e2e_pts` in percentage "
-          "points; `layer_evals` counts transformer-layer forward passes per batch over training (the compute "
+          f"\nColumns: `{metric}` from the final evaluation (`bench evaluate`); columns with `@` are the same metric "
+          "with another inference setting (for classification, `@Nsteps`: N σ points; the default is B, one call per "
+          "block, and the paper's App. E.1 says B+1); `gap_to_e2e` is the difference to the e2e arm (in percentage "
+          "points for accuracies); `layer_evals` counts transformer-layer forward passes per batch over training (the compute "
           "budget: every arm gets the same); `epochs_equiv` = layer_evals / (steps per epoch × depth); memory is the "
           "measured peak of live tensor bytes during one training step (largest over blocks), by component, "
           "from `bench.memory.MemoryMeter`.\n",
-          "## Learning curve (test accuracy %, same fractions of the budget)\n",
+          f"## Learning curve ({metric}{' %' if scale == 100 else ''}, same fractions of the budget)\n",
           _markdown_table(along), f"\n![learning curve]({curve_png.name})\n"]
     md_path = atomic.write_text(out / "comparison.md", "\n".join(md))
-    e2e_acc = table.loc[table["mode"].str.startswith("e2e"), "test_acc"]
-    metrics = {f"{r.arm}.test_acc": r.test_acc for r in table.itertuples()}
-    if len(e2e_acc):
-        metrics["e2e_test_acc"] = float(e2e_acc.iloc[0])
+    metrics = {f"{arm}.{metric}": float(v) for arm, v in zip(table["arm"], table[metric])}
+    atomic.write_json(out / "metrics.json", {"metric": metric, **metrics})
     track.log_suite_artifacts(suite, params_path, [md_path, out / "comparison.csv", curve_png], metrics)
     return md_path

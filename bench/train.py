@@ -27,13 +27,12 @@ import yaml
 from tqdm import tqdm
 
 from bench import atomic, track
-from bench.blocks import BlockLayout, BlockSampler, make_layout
-from bench.config import RunConfig, model_config
-from bench.data.images import EpochBatches, ImageSplit, augment, load_dataset, normalise
-from bench.diffusion import LogNormalNoise, Partition, make_partition
+from bench.blocks import BlockSampler
+from bench.config import RunConfig
+from bench.data.images import EpochBatches
 from bench.memory import MemoryMeter
-from bench.models import ARCHS
-from bench.tasks.classification import ClassificationTask
+from bench.tasks import make_task
+from bench.tasks.base import Task
 
 
 class NonFiniteLoss(RuntimeError):
@@ -50,39 +49,10 @@ def resolve_device(name: str) -> torch.device:
     return device
 
 
-@dataclass
-class Setup:
-    noise: LogNormalNoise
-    partition: Partition
-    layout: BlockLayout
-    task: ClassificationTask
-
-
-def make_setup(cfg: RunConfig) -> Setup:
-    d = cfg.diffusion
-    noise = LogNormalNoise(d.P_mean, d.P_std, d.sigma_min, d.sigma_max, d.sigma_data)
-    partition = make_partition(d.num_blocks, d.partition, d.gamma, noise, d.sigma_edges or None)
-    layout = make_layout(model_config(cfg.model).depth, d.num_blocks, d.layer_distribution or None)
-    return Setup(noise, partition, layout, ClassificationTask(noise, d.weighting))
-
-
-def build_model(cfg: RunConfig) -> torch.nn.Module:
-    _, model_cls = ARCHS[cfg.model["arch"]]
-    model = model_cls(model_config(cfg.model), conditioned=cfg.is_dblocks)
+def build_model(cfg: RunConfig, task: Task) -> torch.nn.Module:
+    model = task.build_model()
     model.grad_checkpointing = cfg.checkpointing
     return model
-
-
-def check_run(cfg: RunConfig) -> None:
-    """What needs the data's presence but no compute: the dataset is there and fits the model."""
-    from bench.config import ConfigError
-    from bench.data.images import SHAPES, check_dataset
-    check_dataset(cfg.data.dataset, cfg.data.root)
-    channels, size, classes = SHAPES[cfg.data.dataset]
-    m = model_config(cfg.model)
-    if (m.in_channels, m.image_size, m.num_classes) != (channels, size, classes):
-        raise ConfigError(f"arm {cfg.arm}: the model takes {m.in_channels}×{m.image_size}×{m.image_size} images and "
-                          f"{m.num_classes} classes, but {cfg.data.dataset} has {channels}×{size}×{size} and {classes}")
 
 
 @dataclass
@@ -116,30 +86,6 @@ def curve_steps(budget: Budget, points: int) -> set[int]:
     return {round(budget.total_steps * k / points) for k in range(1, points + 1)} if points > 0 else {budget.total_steps}
 
 
-def prepare_batch(split: ImageSplit, idx: torch.Tensor, dataset: str, device, augmentation: str = "none",
-                  seed: int = 0) -> tuple:
-    images = augment(split.images[idx], augmentation, seed)
-    return normalise(images, dataset).to(device), split.labels[idx].to(device)
-
-
-@torch.no_grad()
-def evaluate(model, setup: Setup, split: ImageSplit, cfg: RunConfig, device, inference_steps: int = 0) -> dict:
-    """Test accuracy (and mean CE) with the inference noise fixed by eval.seed."""
-    was_training = model.training
-    model.eval()
-    g = torch.Generator().manual_seed(cfg.eval.seed)
-    correct, nll, n = 0, 0.0, len(split)
-    for start in range(0, n, cfg.eval.batch_size):
-        idx = torch.arange(start, min(n, start + cfg.eval.batch_size))
-        x, y = prepare_batch(split, idx, cfg.data.dataset, device)
-        logits = setup.task.predict(model, x, partition=setup.partition if cfg.is_dblocks else None,
-                                    layout=setup.layout, inference_steps=inference_steps, generator=g)
-        correct += int((logits.argmax(-1) == y).sum())
-        nll += float(torch.nn.functional.cross_entropy(logits.float(), y, reduction="sum"))
-    model.train(was_training)
-    return {"test_acc": correct / n, "test_ce": nll / n}
-
-
 # ---- checkpoints ------------------------------------------------------------------------------
 RESUME_IGNORED = {"train.log_every", "train.ckpt_every", "train.device", "train.threads", "eval.batch_size"}
 
@@ -155,20 +101,19 @@ def train(cfg: RunConfig, params_path: str | Path | None = None, resume: bool | 
     """Train one arm.  resume: False (start afresh), True (continue from ckpt.pt; refuse if it was
     made with other params) or "auto" (continue if it was made with the same params, otherwise
     move it aside to ckpt.stale.pt and start afresh: what a pipeline rerun after a params edit needs)."""
-    check_run(cfg)
+    task = make_task(cfg)
+    task.check()
     out = Path(cfg.out_dir)
     ckpt_path = out / "ckpt.pt"
     if cfg.train.threads:
         torch.set_num_threads(cfg.train.threads)
     device = resolve_device(cfg.train.device)
-    setup = make_setup(cfg)
-    data = load_dataset(cfg.data.dataset, cfg.data.root)
-    train_split, test_split = data["train"].head(cfg.data.train_subset), data["test"].head(cfg.data.test_subset)
-    budget = make_budget(cfg, len(train_split))
-    batches = EpochBatches(len(train_split), cfg.train.batch_size, cfg.train.seed)
+    task.load()
+    budget = make_budget(cfg, task.num_train)
+    batches = EpochBatches(task.num_train, cfg.train.batch_size, cfg.train.seed)
 
     torch.manual_seed(cfg.train.seed)
-    model = build_model(cfg).to(device)
+    model = build_model(cfg, task).to(device)
     optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.train.lr, weight_decay=cfg.train.weight_decay)
     scheduler = torch.optim.lr_scheduler.LambdaLR(
         optimizer, lambda s: lr_factor(s, budget, cfg.train.lr, cfg.train.min_lr))
@@ -226,14 +171,17 @@ def train(cfg: RunConfig, params_path: str | Path | None = None, resume: bool | 
     try:
         while state["step"] < budget.total_steps:
             step = state["step"]
-            x, y = prepare_batch(train_split, batches.indices(step), cfg.data.dataset, device,
-                                 cfg.data.augment, seed=cfg.train.seed * 7919 + step)
-            if cfg.is_dblocks:
+            batch = task.batch(batches.indices(step), seed=cfg.train.seed * 7919 + step, device=device)
+            n = cfg.train.batch_size
+            if cfg.is_dblocks:      # one block, σ from its range
                 block = block_sampler.sample()
-                layers = setup.layout.layers_of(block)
-                sigma = setup.partition.sample_training_sigma(block, len(y), noise_gen)
-            else:
-                block, layers, sigma = None, setup.layout.all_layers(), None
+                layers = task.layout.layers_of(block)
+                sigma = task.partition.sample_training_sigma(block, n, noise_gen)
+            elif task.e2e_denoiser:  # all layers, σ from the whole range
+                block, layers = None, task.layout.all_layers()
+                sigma = task.full_range.sample_training_sigma(0, n, noise_gen)
+            else:                   # a plain model
+                block, layers, sigma = None, task.layout.all_layers(), None
             # memory is measured once per block (its first step after two warm-up steps)
             meter_key = "all" if block is None else f"block{block}"
             measure = step >= 2 and meter_key not in state["memory"]
@@ -241,7 +189,7 @@ def train(cfg: RunConfig, params_path: str | Path | None = None, resume: bool | 
             t0 = time.perf_counter()
             if meter:
                 meter.__enter__()
-            loss, extra = setup.task.loss(model, (x, y), sigma=sigma, layers=layers, generator=noise_gen)
+            loss, extra = task.loss(model, batch, sigma=sigma, layers=layers, generator=noise_gen)
             if not torch.isfinite(loss):
                 if meter:
                     meter.__exit__(None, None, None)
@@ -284,13 +232,14 @@ def train(cfg: RunConfig, params_path: str | Path | None = None, resume: bool | 
                 pending, window = [], {}
                 bar.set_postfix(loss=f"{row['train/loss']:.3g}")
             if step in evals_at:
-                metrics = evaluate(model, setup, test_split, cfg, device)
+                metrics = task.evaluate(model, device)
                 point = {"step": step, "layer_evals": state["layer_evals"],
-                         "epochs_equiv": state["layer_evals"] / (budget.steps_per_epoch * setup.layout.depth),
+                         "epochs_equiv": state["layer_evals"] / (budget.steps_per_epoch * task.layout.depth),
                          "train_time_s": state["train_time"], **metrics}
                 state["history"].append(point)
-                tracker.log_metrics({"test/acc": metrics["test_acc"], "test/ce": metrics["test_ce"]}, step=step)
-                bar.write(f"{cfg.suite}/{cfg.arm} step {step}/{budget.total_steps}: test acc {metrics['test_acc']:.4f}")
+                tracker.log_metrics({f"eval/{k}": v for k, v in metrics.items()}, step=step)
+                bar.write(f"{cfg.suite}/{cfg.arm} step {step}/{budget.total_steps}: "
+                          f"{task.metric} {metrics[task.metric]:.4f}")
             if step % cfg.train.ckpt_every == 0 or step == budget.total_steps:
                 save_checkpoint()
             bar.update(1)
@@ -307,7 +256,8 @@ def train(cfg: RunConfig, params_path: str | Path | None = None, resume: bool | 
     times = state["step_times"]
     summary = {
         "suite": cfg.suite, "arm": cfg.arm, "mode": cfg.mode, "num_blocks": cfg.diffusion.num_blocks if cfg.is_dblocks else 1,
-        "test_acc": final["test_acc"], "test_ce": final["test_ce"], "optimizer_steps": state["step"],
+        "metric": task.metric, **{k: v for k, v in final.items() if k not in ("step", "layer_evals", "epochs_equiv", "train_time_s")},
+        "optimizer_steps": state["step"],
         "layer_evals": state["layer_evals"], "epochs_equiv": final["epochs_equiv"],
         "train_time_s": state["train_time"], "median_step_s": statistics.median(times) if times else float("nan"),
         "peak_mem_bytes": mem["peak_bytes"], "peak_mem_params": mem["parameters"], "peak_mem_grads": mem["gradients"],

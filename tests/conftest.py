@@ -17,6 +17,26 @@ def fashion_root() -> Path:
     return root
 
 
-def write_params(path: Path, text: str) -> Path:
-    path.write_text(text)
-    return path
+TINY_VIT = """
+suite: tiny
+runs_dir: {runs}
+data: {{dataset: fashion_mnist, root: {root}}}
+model: {{arch: vit, image_size: 28, patch_size: 7, hidden: 32, depth: 6, heads: 2, mlp_dim: 64}}
+diffusion: {{num_blocks: 3, gamma: 0.05}}
+arms:
+  e2e: {{mode: e2e}}
+  dblocks: {{mode: dblocks}}
+"""
+
+
+@pytest.fixture
+def tiny_task(tmp_path):
+    """make(arm, *overrides) → the Task of a tiny ViT config (no data is loaded)."""
+    from bench.config import load_config
+    from bench.tasks import make_task
+    path = tmp_path / "tiny.yaml"
+    path.write_text(TINY_VIT.format(runs=tmp_path / "runs", root=tmp_path / "data"))
+
+    def make(arm="dblocks", *overrides):
+        return make_task(load_config(path, arm, list(overrides)))
+    return make

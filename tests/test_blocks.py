@@ -4,9 +4,8 @@ import pytest
 import torch
 
 from bench.blocks import BlockSampler, make_layout
-from bench.diffusion import LogNormalNoise, make_partition
+from bench.diffusion import weighted_loss
 from bench.models.vit import ViT, ViTConfig
-from bench.tasks.classification import ClassificationTask, weighted_loss
 
 
 def test_layouts():
@@ -39,14 +38,14 @@ def tiny_vit(conditioned=True, depth=6):
 
 
 @pytest.mark.parametrize("block", [0, 1, 2])
-def test_dblocks_step_touches_only_its_block_and_the_shared_modules(block):
-    model = tiny_vit()
+def test_dblocks_step_touches_only_its_block_and_the_shared_modules(block, tiny_task):
+    task = tiny_task("dblocks")
+    torch.manual_seed(0)
+    model = task.build_model()
     # make every layer non-trivial (adaLN-Zero starts at zero, which would hide a leak)
     for p in model.parameters():
         p.data.add_(0.01 * torch.randn_like(p))
-    layout = make_layout(6, 3)
-    partition = make_partition(3, gamma=0.05)
-    task = ClassificationTask(LogNormalNoise(), "lambda")
+    layout, partition = task.layout, task.partition
     opt = torch.optim.AdamW(model.parameters(), lr=1e-2)
     before = {n: p.detach().clone() for n, p in model.named_parameters()}
     g = torch.Generator().manual_seed(0)
@@ -69,11 +68,12 @@ def test_dblocks_step_touches_only_its_block_and_the_shared_modules(block):
     assert any(n.startswith("label_embed") for n in changed) and any(n.startswith("patch_embed") for n in changed)
 
 
-def test_other_blocks_do_not_affect_this_blocks_output():
-    model = tiny_vit().eval()
+def test_other_blocks_do_not_affect_this_blocks_output(tiny_task):
+    task = tiny_task("dblocks")
+    model = task.build_model().eval()
     for p in model.parameters():
         p.data.add_(0.01 * torch.randn_like(p))
-    layout, task = make_layout(6, 3), ClassificationTask(LogNormalNoise())
+    layout = task.layout
     x, z, s = torch.randn(4, 1, 28, 28), torch.randn(4, 32), torch.full((4,), 0.3)
     out = task.logits(model, x, z, s, layout.layers_of(0))
     with torch.no_grad():
@@ -91,6 +91,12 @@ def test_weightings():
     # the official code's (N,)·(N,1) broadcast: the mean of the outer product is mean(CE)·mean(λ)
     assert weighted_loss(ce, sigma, 0.5, "official") == pytest.approx(float((ce * lam[:, None]).mean()))
     assert weighted_loss(ce, sigma, 0.5, "uniform") == pytest.approx(2.0)
+
+
+def test_e2e_and_dblocks_build_the_plain_and_the_conditioned_model(tiny_task):
+    assert not tiny_task("e2e").build_model().conditioned
+    assert tiny_task("dblocks").build_model().conditioned
+    assert tiny_task("dblocks", "diffusion.num_blocks=2").layout.layers_per_block == (3, 3)
 
 
 def test_plain_and_conditioned_vit_shapes():

@@ -43,7 +43,6 @@ NORMALISATION = {
     "cifar100": ((0.5071, 0.4867, 0.4408), (0.2675, 0.2565, 0.2761)),
 }
 SHAPES = {"fashion_mnist": (1, 28, 10), "cifar10": (3, 32, 10), "cifar100": (3, 32, 100)}  # channels, size, classes
-TRAIN_SIZES = {"fashion_mnist": 60000, "cifar10": 50000, "cifar100": 50000}
 DATASETS = tuple(SHAPES)
 
 

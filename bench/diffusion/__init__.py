@@ -2,12 +2,14 @@
 
 from bench.diffusion.noise import LogNormalNoise, sample_sigma
 from bench.diffusion.partition import STRATEGIES, Partition, make_partition, partition_edges
-from bench.diffusion.precond import c_in, c_noise, c_out, c_skip, denoised, loss_weight, scale_input
+from bench.diffusion.precond import (WEIGHTINGS, c_in, c_noise, c_out, c_skip, denoised, loss_weight, scale_input,
+                                     weighted_loss)
 from bench.diffusion.sampler import (GRIDS, euler_step, make_sigmas, sample_chain, sigmas_equiprobable,
                                      sigmas_karras, steps_per_block)
 
 __all__ = [
     "LogNormalNoise", "sample_sigma", "STRATEGIES", "Partition", "make_partition", "partition_edges",
     "c_in", "c_noise", "c_out", "c_skip", "denoised", "loss_weight", "scale_input", "GRIDS", "euler_step",
-    "make_sigmas", "sample_chain", "sigmas_equiprobable", "sigmas_karras", "steps_per_block",
+    "make_sigmas", "sample_chain", "sigmas_equiprobable", "sigmas_karras", "steps_per_block", "WEIGHTINGS",
+    "weighted_loss",
 ]

@@ -45,3 +45,25 @@ def scale_input(z: torch.Tensor, sigma: torch.Tensor, sigma_data: float) -> torc
     """c_in·z, with σ broadcast over the trailing dimensions of z."""
     s = sigma.reshape(sigma.shape + (1,) * (z.dim() - sigma.dim())).to(z.dtype)
     return c_in(s, sigma_data) * z
+
+
+WEIGHTINGS = ("lambda", "official", "uniform")
+
+
+def weighted_loss(per_sample: torch.Tensor, sigma: torch.Tensor, sigma_data: float, weighting: str) -> torch.Tensor:
+    """Combine per-sample losses with the EDM weight λ(σ):
+
+      lambda    mean(λ(σ_i)·loss_i), the paper's Eq. 6
+      official  mean(loss)·mean(λ): what the official code computes, through an (N,)×(N,1)
+                broadcast; every sample in the batch gets the same weight
+      uniform   mean(loss)
+    """
+    if weighting == "uniform":
+        return per_sample.mean()
+    w = loss_weight(sigma, sigma_data).to(per_sample.dtype)
+    w = w.reshape(w.shape + (1,) * (per_sample.dim() - w.dim()))
+    if weighting == "lambda":
+        return (w * per_sample).mean()
+    if weighting == "official":
+        return per_sample.mean() * w.mean()
+    raise ValueError(f"unknown weighting {weighting!r}; choose one of {', '.join(WEIGHTINGS)}")

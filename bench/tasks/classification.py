@@ -19,27 +19,49 @@ import torch
 import torch.nn.functional as F
 
 from bench.blocks import BlockLayout
-from bench.diffusion import (LogNormalNoise, Partition, c_noise, denoised, loss_weight, sample_chain,
-                             scale_input, sigmas_equiprobable)
+from bench.config import ConfigError, model_config
+from bench.data.images import SHAPES, augment, check_dataset, load_dataset, normalise
+from bench.diffusion import (Partition, c_noise, denoised, sample_chain, scale_input, sigmas_equiprobable,
+                             weighted_loss)
+from bench.tasks.base import Task
 
-WEIGHTINGS = ("lambda", "official", "uniform")
+class ClassificationTask(Task):
+    name = "classification"
+    metric = "test_acc"
+    higher_is_better = True
+    e2e_denoiser = False
 
+    def __init__(self, cfg):
+        super().__init__(cfg)
+        self.weighting = cfg.diffusion.weighting
 
-def weighted_loss(per_sample: torch.Tensor, sigma: torch.Tensor, sigma_data: float, weighting: str) -> torch.Tensor:
-    """Combine per-sample losses with the EDM weight λ(σ) by one of WEIGHTINGS."""
-    if weighting == "uniform":
-        return per_sample.mean()
-    w = loss_weight(sigma, sigma_data).to(per_sample.dtype)
-    if weighting == "lambda":
-        return (w * per_sample).mean()
-    if weighting == "official":
-        return per_sample.mean() * w.mean()
-    raise ValueError(f"unknown weighting {weighting!r}; choose one of {', '.join(WEIGHTINGS)}")
+    # ---- data and model ---------------------------------------------------------------------
+    def check(self) -> None:
+        data = self.cfg.data
+        check_dataset(data.dataset, data.root)
+        channels, size, classes = SHAPES[data.dataset]
+        m = model_config(self.cfg.model)
+        if (m.in_channels, m.image_size, m.num_classes) != (channels, size, classes):
+            raise ConfigError(f"arm {self.cfg.arm}: the model takes {m.in_channels}×{m.image_size}×{m.image_size} images "
+                              f"and {m.num_classes} classes, but {data.dataset} has {channels}×{size}×{size} and {classes}")
 
+    def load(self) -> None:
+        data = self.cfg.data
+        split = load_dataset(data.dataset, data.root)
+        self.train_split, self.test_split = split["train"].head(data.train_subset), split["test"].head(data.test_subset)
+        self.num_train = len(self.train_split)
 
-class ClassificationTask:
-    def __init__(self, noise: LogNormalNoise, weighting: str = "lambda"):
-        self.noise, self.weighting = noise, weighting
+    def build_model(self):
+        from bench.models import ARCHS
+        _, model_cls = ARCHS[self.cfg.model["arch"]]
+        return model_cls(model_config(self.cfg.model), conditioned=self.conditioned)
+
+    def batch(self, indices, seed, device):
+        return self._images(self.train_split, indices, device, self.cfg.data.augment, seed)
+
+    def _images(self, split, indices, device, augmentation="none", seed=0):
+        images = augment(split.images[indices], augmentation, seed)
+        return normalise(images, self.cfg.data.dataset).to(device), split.labels[indices].to(device)
 
     # ---- training ---------------------------------------------------------------------------
     def loss(self, model, batch, *, sigma: torch.Tensor | None, layers: range,
@@ -66,6 +88,43 @@ class ClassificationTask:
         return model.head(denoised(z, F_out, sigma, sd), cond)
 
     # ---- inference --------------------------------------------------------------------------
+    @torch.no_grad()
+    def evaluate(self, model, device, final: bool = False) -> dict:
+        """Test accuracy and mean CE, the inference noise fixed by eval.seed.  final: also with B+1
+        σ points (the paper's App. E.1 wording; B is the official code's default), and with the
+        class probabilities averaged over eval.final_noise_draws noise draws."""
+        if not self.conditioned:
+            return self._accuracy(model, device, 0, 1)
+        B = self.partition.num_blocks
+        steps, draws = self.cfg.diffusion.inference_steps or B, self.cfg.eval.noise_draws
+        result = self._accuracy(model, device, steps, draws)
+        if final:
+            result["inference_steps"], result["noise_draws"] = steps, draws
+            result[f"test_acc@{steps}steps"] = result["test_acc"]
+            for s in sorted({B, B + 1} - {steps}):
+                result[f"test_acc@{s}steps"] = self._accuracy(model, device, s, draws)["test_acc"]
+            many = self.cfg.eval.final_noise_draws
+            if many > draws:
+                result[f"test_acc@{many}draws"] = self._accuracy(model, device, steps, many)["test_acc"]
+        return result
+
+    def _accuracy(self, model, device, steps: int, draws: int) -> dict:
+        """Accuracy of the argmax of the class probabilities averaged over `draws` inference noises."""
+        was_training = model.training
+        model.eval()
+        g = torch.Generator().manual_seed(self.cfg.eval.seed)
+        split, bs = self.test_split, self.cfg.eval.batch_size
+        correct, nll = 0, 0.0
+        for start in range(0, len(split), bs):
+            x, y = self._images(split, torch.arange(start, min(len(split), start + bs)), device)
+            probs = sum(self.predict(model, x, partition=self.partition if self.conditioned else None,
+                                     layout=self.layout, inference_steps=steps, generator=g).float().softmax(-1)
+                        for _ in range(draws)) / draws
+            correct += int((probs.argmax(-1) == y).sum())
+            nll += float(F.nll_loss(probs.clamp_min(1e-12).log(), y, reduction="sum"))
+        model.train(was_training)
+        return {"test_acc": correct / len(split), "test_ce": nll / len(split)}
+
     @torch.no_grad()
     def predict(self, model, images, *, partition: Partition | None, layout: BlockLayout | None,
                 inference_steps: int = 0, generator: torch.Generator | None = None) -> torch.Tensor:

@@ -1,0 +1,71 @@
+"""The interface between the trainer and a task (what is denoised, and how it is scored).
+
+The trainer knows arms, budgets, blocks and checkpoints; a task knows its data, its model, its
+loss and its metric.  A task never chooses a block or samples σ: the trainer passes it the
+layers to run and the noise levels of the batch.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+
+from bench.blocks import BlockLayout, make_layout
+from bench.config import RunConfig, model_config
+from bench.diffusion import LogNormalNoise, Partition, make_partition
+
+
+class Task:
+    name = "task"
+    metric = "metric"            # the key of `evaluate`'s result that the comparison ranks by
+    higher_is_better = True
+    # True: the e2e arm trains the σ-conditioned model over the whole noise range (DiT, MDM);
+    # False: the e2e arm is a plain model with its own loss (the ViT classifier).
+    e2e_denoiser = False
+
+    def __init__(self, cfg: RunConfig):
+        self.cfg = cfg
+        d = cfg.diffusion
+        self.noise = LogNormalNoise(d.P_mean, d.P_std, d.sigma_min, d.sigma_max, d.sigma_data)
+        self.partition = self.make_partition(d.num_blocks, d.gamma)
+        self.full_range = self.make_partition(1, 0.0)
+        self.layout: BlockLayout = make_layout(model_config(cfg.model).depth, d.num_blocks,
+                                               d.layer_distribution or None)
+
+    def make_partition(self, num_blocks: int, gamma: float) -> Partition:
+        d = self.cfg.diffusion
+        edges = d.sigma_edges if (d.sigma_edges and num_blocks == d.num_blocks) else None
+        strategy = d.partition if num_blocks == d.num_blocks else "equiprobable"
+        return make_partition(num_blocks, strategy, gamma, self.noise, edges)
+
+    @property
+    def conditioned(self) -> bool:
+        """Whether this run's model is the σ-conditioned denoiser."""
+        return self.cfg.is_dblocks or self.e2e_denoiser
+
+    # ---- to implement -----------------------------------------------------------------------
+    def check(self) -> None:
+        """Raise a one-line error if the data is missing or does not fit the model (no compute)."""
+        raise NotImplementedError
+
+    def load(self) -> None:
+        """Load the data; set `self.num_train`."""
+        raise NotImplementedError
+
+    def build_model(self) -> torch.nn.Module:
+        raise NotImplementedError
+
+    def batch(self, indices: torch.Tensor, seed: int, device: torch.device) -> Any:
+        """The training batch of these example indices (augmentation deterministic in seed)."""
+        raise NotImplementedError
+
+    def loss(self, model, batch, *, sigma: torch.Tensor | None, layers: range,
+             generator: torch.Generator) -> tuple[torch.Tensor, dict]:
+        """Loss of one batch; sigma None only for a plain (non-denoiser) e2e model."""
+        raise NotImplementedError
+
+    def evaluate(self, model, device: torch.device, final: bool = False) -> dict:
+        """Metrics on the test split (`self.metric` among them).  final=True: the full evaluation
+        (more inference variants); otherwise the cheaper one used for the learning curve."""
+        raise NotImplementedError
