@@ -33,11 +33,11 @@ class ConfigError(ValueError):
 
 @dataclass
 class DataConfig:
-    dataset: str = "fashion_mnist"   # fashion_mnist | cifar10 | cifar100
+    """Fields every task has; a task extends it (Task.data_config) with its own."""
+    dataset: str = "fashion_mnist"   # which dataset (the task lists the ones it knows)
     root: str = "data"               # where datasets live (see `bench data --help`)
-    augment: str = "none"            # none | crop_flip | randaugment
-    train_subset: int = 0            # use only the first N training images (0: all); for tests
-    test_subset: int = 0             # evaluate on the first N test images (0: all)
+    train_subset: int = 0            # use only the first N training examples (0: all); for tests
+    test_subset: int = 0             # evaluate on the first N test examples (0: all)
 
 
 @dataclass
@@ -77,10 +77,9 @@ class TrainConfig:
 
 @dataclass
 class EvalConfig:
+    """Fields every task has; a task extends it (Task.eval_config) with its own."""
     batch_size: int = 500
-    seed: int = 1234                   # fixes the inference noise, so accuracy is deterministic
-    noise_draws: int = 1               # inference noises averaged per test example (official: 1)
-    final_noise_draws: int = 8         # the final evaluation also reports this many (0: skip)
+    seed: int = 1234                   # fixes the inference noise, so evaluation is deterministic
 
 
 @dataclass
@@ -143,16 +142,25 @@ def _coerce(section: str, key: str, value: Any, default: Any) -> Any:
     return str(value)
 
 
+def section_class(section: str, task: str, arch: str = "vit"):
+    """The dataclass a section is checked against: `model` by the architecture, `data` and
+    `eval` by the task, the others fixed."""
+    if section == "model":
+        return model_config_class(arch)
+    if section in ("data", "eval"):
+        from bench.tasks import task_class
+        return getattr(task_class(task), f"{section}_config")
+    return SECTIONS[section]
+
+
 def _apply(target: dict, section: str, values: dict, source: str) -> None:
     if not isinstance(values, dict):
         raise ConfigError(f"'{section}' in {source} must be a mapping")
     if section == "model":
         arch = str(values.get("arch", target["model"].get("arch", "vit")))
         target["model"]["arch"] = arch
-        cls = model_config_class(arch)
         values = {k: v for k, v in values.items() if k != "arch"}
-    else:
-        cls = SECTIONS[section]
+    cls = section_class(section, target["task"], target["model"].get("arch", "vit"))
     names = {f.name: f for f in dataclasses.fields(cls)}
     for key, value in values.items():
         if key not in names:
@@ -221,7 +229,7 @@ def load_config(params_path: str | Path, arm: str, overrides: list[str] | None =
     if arm not in arms:
         raise ConfigError(f"unknown arm {arm!r} in {source}; arms: {', '.join(arms) or '(none defined)'}")
     target: dict[str, Any] = {s: {} for s in SECTIONS}
-    target["mode"] = arm
+    target["mode"], target["task"] = arm, str(raw.get("task", "classification"))
     for section in SECTIONS:
         if section in raw:
             _apply(target, section, raw[section], source)
@@ -230,8 +238,8 @@ def load_config(params_path: str | Path, arm: str, overrides: list[str] | None =
     runs_dir = raw.get("runs_dir", "runs")
     model = {"arch": "vit", **target["model"]}
     cfg = RunConfig(
-        suite=suite, arm=arm, mode=target["mode"], task=str(raw.get("task", "classification")), model=model,
-        **{s: SECTIONS[s](**copy.deepcopy(target[s])) for s in SECTIONS if s != "model"},
+        suite=suite, arm=arm, mode=target["mode"], task=target["task"], model=model,
+        **{s: section_class(s, target["task"])(**copy.deepcopy(target[s])) for s in SECTIONS if s != "model"},
         out_dir=str(Path(runs_dir) / suite / arm),
     )
     validate(cfg)
@@ -247,7 +255,6 @@ def validate(cfg: RunConfig) -> None:
     from bench.tasks import task_class
 
     d, t = cfg.diffusion, cfg.train
-    task_class(cfg.task)
     if cfg.mode not in MODES:
         raise ConfigError(f"unknown mode {cfg.mode!r} for arm {cfg.arm!r}; modes: {', '.join(MODES)}")
     if d.partition not in STRATEGIES:
@@ -260,13 +267,11 @@ def validate(cfg: RunConfig) -> None:
         raise ConfigError(f"diffusion.inference_steps must be >= 0, got {d.inference_steps}")
     if t.residency not in RESIDENCY:
         raise ConfigError(f"unknown train.residency {t.residency!r}; choose one of {', '.join(RESIDENCY)}")
-    if cfg.data.augment not in ("none", "crop_flip", "randaugment"):
-        raise ConfigError(f"unknown data.augment {cfg.data.augment!r}; choose none, crop_flip or randaugment")
     for name in ("batch_size", "log_every", "ckpt_every"):
         if getattr(t, name) < 1:
             raise ConfigError(f"train.{name} must be >= 1, got {getattr(t, name)}")
-    if cfg.eval.noise_draws < 1 or cfg.eval.batch_size < 1:
-        raise ConfigError("eval.noise_draws and eval.batch_size must be >= 1")
+    if cfg.eval.batch_size < 1:
+        raise ConfigError(f"eval.batch_size must be >= 1, got {cfg.eval.batch_size}")
     if t.epochs <= 0 or t.lr <= 0:
         raise ConfigError(f"train.epochs and train.lr must be positive, got {t.epochs} and {t.lr}")
     try:
@@ -274,5 +279,6 @@ def validate(cfg: RunConfig) -> None:
         make_partition(d.num_blocks, d.partition, d.gamma, noise, d.sigma_edges or None)
         arch_cfg = model_config(cfg.model)
         make_layout(arch_cfg.depth, d.num_blocks, d.layer_distribution or None)
+        task_class(cfg.task).validate_config(cfg)
     except ValueError as e:
         raise ConfigError(str(e)) from None

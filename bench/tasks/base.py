@@ -12,7 +12,7 @@ from typing import Any
 import torch
 
 from bench.blocks import BlockLayout, make_layout
-from bench.config import RunConfig, model_config
+from bench.config import DataConfig, EvalConfig, RunConfig, model_config
 from bench.diffusion import LogNormalNoise, Partition, make_partition
 
 
@@ -23,6 +23,12 @@ class Task:
     # True: the e2e arm trains the σ-conditioned model over the whole noise range (DiT, MDM);
     # False: the e2e arm is a plain model with its own loss (the ViT classifier).
     e2e_denoiser = False
+    data_config = DataConfig     # the dataclasses the params' `data` and `eval` sections are
+    eval_config = EvalConfig     # checked against; a task subclasses them to add its own fields
+
+    @classmethod
+    def validate_config(cls, cfg: RunConfig) -> None:
+        """Checks of the task's own params that need no data (raise ValueError/ConfigError)."""
 
     def __init__(self, cfg: RunConfig):
         self.cfg = cfg

@@ -18,18 +18,40 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from dataclasses import dataclass
+
 from bench.blocks import BlockLayout
-from bench.config import ConfigError, model_config
+from bench.config import ConfigError, DataConfig, EvalConfig, model_config
 from bench.data.images import SHAPES, augment, check_dataset, load_dataset, normalise
 from bench.diffusion import (Partition, c_noise, denoised, sample_chain, scale_input, sigmas_equiprobable,
                              weighted_loss)
 from bench.tasks.base import Task
+
+@dataclass
+class ImageDataConfig(DataConfig):
+    augment: str = "none"              # none | crop_flip | randaugment (crop_flip + RandAugment)
+
+
+@dataclass
+class ClassificationEvalConfig(EvalConfig):
+    noise_draws: int = 1               # inference noises averaged per test image (official: 1)
+    final_noise_draws: int = 8         # the final evaluation also reports this many (0: skip)
+
 
 class ClassificationTask(Task):
     name = "classification"
     metric = "test_acc"
     higher_is_better = True
     e2e_denoiser = False
+    data_config = ImageDataConfig
+    eval_config = ClassificationEvalConfig
+
+    @classmethod
+    def validate_config(cls, cfg) -> None:
+        if cfg.data.augment not in ("none", "crop_flip", "randaugment"):
+            raise ConfigError(f"unknown data.augment {cfg.data.augment!r}; choose none, crop_flip or randaugment")
+        if cfg.eval.noise_draws < 1:
+            raise ConfigError(f"eval.noise_draws must be >= 1, got {cfg.eval.noise_draws}")
 
     def __init__(self, cfg):
         super().__init__(cfg)
