@@ -2,10 +2,12 @@
 
   bench partition -B 3 --strategy equiprobable --gamma 0.05   what each block will train on
   bench data fashion-mnist                                    obtain a dataset offline
+  bench data shakespeare [--tokenizer bpe]                    prepare a text corpus (or: text --source FILE)
   bench prepare suites/vit_fashion/params.yaml                validate every arm, print the budgets
   bench train   suites/vit_fashion/params.yaml --arm dblocks [--resume] [--set train.lr=5e-4]
   bench evaluate suites/vit_fashion/params.yaml --arm dblocks
   bench compare suites/vit_fashion/params.yaml                results/<suite>/comparison.{csv,md,png}
+  bench memory  suites/vit_cifar100/params.yaml --budget 2GiB results/memory/: peak memory and speed per arm
   bench run     suites/vit_fashion/params.yaml                all of the above, without DVC
 """
 
@@ -55,13 +57,16 @@ def cmd_partition(a) -> None:
 
 
 def cmd_data(a) -> None:
+    from bench.data import text
     from bench.data.images import fetch_fashion_mnist
     if a.dataset in ("fashion-mnist", "fashion_mnist"):
         out = fetch_fashion_mnist(Path(a.root) / "fashion_mnist", a.source)
         print(f"Fashion-MNIST ready in {out} (content verified against the published SHA-256)")
+    elif a.dataset == "text" or a.dataset in text.DATASETS:
+        text.cli_data(a.dataset, a.source, a.root, a.tokenizer, a.vocab_size, a.params, a.name)
     else:
-        raise ConfigError(f"unknown dataset {a.dataset!r} for `bench data`; available: fashion-mnist. "
-                          "CIFAR-10/100 are read from a user path (data.root in params.yaml)")
+        raise ConfigError(f"unknown dataset {a.dataset!r} for `bench data`; available: fashion-mnist, text, "
+                          f"{', '.join(text.DATASETS)}. CIFAR-10/100 are read from a user path (data.root in params.yaml)")
 
 
 def cmd_prepare(a) -> None:
@@ -103,6 +108,30 @@ def cmd_compare(a) -> None:
     print(f"wrote {compare(a.params, a.results)}")
 
 
+def parse_bytes(text: str) -> int:
+    units = {"": 1, "b": 1, "kib": 2**10, "mib": 2**20, "gib": 2**30, "kb": 10**3, "mb": 10**6, "gb": 10**9}
+    t = text.strip().lower().replace(" ", "")
+    number = t.rstrip("abcdefghijklmnopqrstuvwxyz")
+    if not number or t[len(number):] not in units:
+        raise ConfigError(f"cannot read {text!r} as a memory size; write e.g. 2GiB or 512MiB")
+    return int(float(number) * units[t[len(number):]])
+
+
+def cmd_memory(a) -> None:
+    from bench.benchmark import memory_benchmark
+    from bench.config import MODES, RESIDENCY
+    modes, residencies = a.arms.split(","), a.residency.split(",")
+    for m in modes:
+        if m not in MODES:
+            raise ConfigError(f"unknown arm {m!r} for --arms; choose from {', '.join(MODES)}")
+    for r in residencies:
+        if r not in RESIDENCY:
+            raise ConfigError(f"unknown residency {r!r}; choose from {', '.join(RESIDENCY)}")
+    md = memory_benchmark(a.params, _ints(a.blocks), _ints(a.batch_sizes), modes, residencies, name=a.name,
+                          out_dir=a.out, time_steps=a.time_steps, budget=parse_bytes(a.budget) if a.budget else None)
+    print(f"wrote {md}")
+
+
 def cmd_run(a) -> None:
     from bench.evaluate import evaluate_arm
     from bench.report import compare
@@ -135,9 +164,14 @@ def build_parser() -> argparse.ArgumentParser:
     q.set_defaults(func=cmd_partition)
 
     q = sub.add_parser("data", help="obtain a dataset offline into data/")
-    q.add_argument("dataset", help="fashion-mnist")
-    q.add_argument("--source", default=None, help="a directory that already holds the files")
+    q.add_argument("dataset", help="fashion-mnist | shakespeare | austen | brown | text8 | lm1b | owt | "
+                                   "text (with --source FILE_OR_DIR, or --params PARAMS: a suite's data section)")
+    q.add_argument("--source", default=None, help="a directory that already holds the files (text: a file or directory)")
     q.add_argument("--root", default="data")
+    q.add_argument("--params", default=None, help="text: prepare what this suite's data section says")
+    q.add_argument("--tokenizer", default=None, help="text: char (default) | bpe")
+    q.add_argument("--vocab-size", type=int, default=None, help="text, bpe: vocabulary size (default 4096)")
+    q.add_argument("--name", default=None, help="text --source: the dataset name (default: the file name)")
     q.set_defaults(func=cmd_data)
 
     def suite_cmd(name, func, help_, arm=True, arm_required=True):
@@ -160,6 +194,18 @@ def build_parser() -> argparse.ArgumentParser:
     suite_cmd("evaluate", cmd_evaluate, "evaluate one arm's final weights on the test set")
     q = suite_cmd("compare", cmd_compare, "write results/<suite>/comparison.{csv,md} and plots", arm=False)
     q.add_argument("--results", default=None, help="results directory (default: results)")
+    q = sub.add_parser("memory", help="measured peak memory and step time of every arm (random input)")
+    q.add_argument("params", help="a suite's params.yaml (its model and diffusion settings)")
+    q.add_argument("--blocks", default="1,2,3,4,6", help="values of B (default 1,2,3,4,6)")
+    q.add_argument("--batch-sizes", default="128", help="e.g. 32,128 (default 128)")
+    q.add_argument("--arms", default="e2e,e2e+ckpt,dblocks,dblocks+ckpt")
+    q.add_argument("--residency", default="resident,offload")
+    q.add_argument("--budget", default=None, help="also find the deepest model each arm trains within e.g. 2GiB")
+    q.add_argument("--time-steps", type=int, default=3, help="timed steps per block (median)")
+    q.add_argument("--name", default=None, help="results/memory/<name>.{csv,md,png} (default: the suite)")
+    q.add_argument("--out", default="results/memory")
+    q.set_defaults(func=cmd_memory)
+
     q = suite_cmd("run", cmd_run, "prepare, train (resuming), evaluate every arm, compare", arm=False)
     q.add_argument("--no-progress", action="store_true")
     return p

@@ -46,6 +46,7 @@ class MemoryReport:
     activations: int            # saved activations and temporaries
     allocator_peak_bytes: int   # CUDA allocator's peak during the step; -1 on CPU
     rss_peak_bytes: int         # process peak RSS so far (whole process; upper bound)
+    host_parked_bytes: int = 0  # offload: inactive blocks' weights and Adam state parked on the host
 
     def to_dict(self, prefix: str = "") -> dict:
         return {prefix + k: v for k, v in asdict(self).items()}
@@ -63,11 +64,15 @@ def _key(storage) -> tuple:
 
 
 class MemoryMeter(TorchDispatchMode):
-    """with MemoryMeter(model, optimizer, device) as meter: step(); report = meter.report()"""
+    """with MemoryMeter(model, optimizers, device) as meter: step(); report = meter.report()
 
-    def __init__(self, model: torch.nn.Module, optimizer: torch.optim.Optimizer | None, device: torch.device | str):
+    `optimizers`: the optimizers whose state is on the compute device (one, a list, or None)."""
+
+    def __init__(self, model: torch.nn.Module, optimizers, device: torch.device | str):
         super().__init__()
-        self.model, self.optimizer, self.device = model, optimizer, torch.device(device)
+        if isinstance(optimizers, torch.optim.Optimizer):
+            optimizers = [optimizers]
+        self.model, self.optimizers, self.device = model, list(optimizers or []), torch.device(device)
         self._ids = itertools.count()
         self._live: dict[int, int] = {}          # storage id → bytes (compute device only)
         self._by_ptr: dict[tuple, int] = {}      # (device, ptr) → storage id, for live storages
@@ -111,9 +116,7 @@ class MemoryMeter(TorchDispatchMode):
         return out
 
     def _state_tensors(self):
-        if self.optimizer is None:
-            return []
-        return [v for s in self.optimizer.state.values() for v in s.values() if isinstance(v, torch.Tensor)]
+        return [v for o in self.optimizers for s in o.state.values() for v in s.values() if isinstance(v, torch.Tensor)]
 
     def __enter__(self):
         for p in self.model.parameters():

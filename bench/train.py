@@ -27,7 +27,7 @@ import yaml
 from tqdm import tqdm
 
 from bench import atomic, track
-from bench.blocks import BlockSampler
+from bench.blocks import BlockOptimizer, BlockSampler
 from bench.config import RunConfig
 from bench.data.images import EpochBatches
 from bench.memory import MemoryMeter
@@ -86,6 +86,40 @@ def curve_steps(budget: Budget, points: int) -> set[int]:
     return {round(budget.total_steps * k / points) for k in range(1, points + 1)} if points > 0 else {budget.total_steps}
 
 
+# ---- one training step -------------------------------------------------------------------------
+def forward_loss(cfg: RunConfig, task: Task, model, batch, block: int | None,
+                 generator: torch.Generator) -> tuple[torch.Tensor, dict, range]:
+    """The loss of one batch.  dblocks: `block`'s layers at σ drawn from that block's range;
+    e2e: all layers, at σ from the whole range if the task's baseline is a denoiser."""
+    n = cfg.train.batch_size
+    if cfg.is_dblocks:
+        layers = task.layout.layers_of(block)
+        sigma = task.partition.sample_training_sigma(block, n, generator)
+    elif task.e2e_denoiser:
+        layers = task.layout.all_layers()
+        sigma = task.full_range.sample_training_sigma(0, n, generator)
+    else:
+        layers, sigma = task.layout.all_layers(), None
+    loss, extra = task.loss(model, batch, sigma=sigma, layers=layers, generator=generator)
+    return loss, extra, layers
+
+
+def backward_step(cfg: RunConfig, model, optimizer: BlockOptimizer, loss: torch.Tensor) -> torch.Tensor:
+    """Backward, clip the gradient norm, AdamW step, advance the schedule; returns the norm."""
+    optimizer.zero_grad()
+    loss.backward()
+    grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.train.grad_clip)
+    optimizer.step()
+    return grad_norm
+
+
+def make_optimizer(cfg: RunConfig, task: Task, model, device, budget: "Budget") -> BlockOptimizer:
+    return BlockOptimizer(
+        model, task.layout, cfg.train.residency if cfg.is_dblocks else "resident", device,
+        lambda params: torch.optim.AdamW(params, lr=cfg.train.lr, weight_decay=cfg.train.weight_decay),
+        lambda s: lr_factor(s, budget, cfg.train.lr, cfg.train.min_lr))
+
+
 # ---- checkpoints ------------------------------------------------------------------------------
 RESUME_IGNORED = {"train.log_every", "train.ckpt_every", "train.device", "train.threads", "eval.batch_size"}
 
@@ -114,9 +148,7 @@ def train(cfg: RunConfig, params_path: str | Path | None = None, resume: bool | 
 
     torch.manual_seed(cfg.train.seed)
     model = build_model(cfg, task).to(device)
-    optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.train.lr, weight_decay=cfg.train.weight_decay)
-    scheduler = torch.optim.lr_scheduler.LambdaLR(
-        optimizer, lambda s: lr_factor(s, budget, cfg.train.lr, cfg.train.min_lr))
+    optimizer = make_optimizer(cfg, task, model, device, budget)
     block_sampler = BlockSampler(cfg.diffusion.num_blocks, cfg.train.seed + 1)
     noise_gen = torch.Generator().manual_seed(cfg.train.seed + 2)   # σ and ε draws
 
@@ -133,9 +165,9 @@ def train(cfg: RunConfig, params_path: str | Path | None = None, resume: bool | 
             raise ValueError(f"{ckpt_path} was made with different params ({', '.join(diff)}); "
                              f"start afresh without --resume or restore the params")
     if ckpt is not None:
-        model.load_state_dict(ckpt["model"])
+        with optimizer.materialize():
+            model.load_state_dict(ckpt["model"])
         optimizer.load_state_dict(ckpt["optimizer"])
-        scheduler.load_state_dict(ckpt["scheduler"])
         block_sampler.load_state_dict(ckpt["block_sampler"])
         noise_gen.set_state(ckpt["noise_rng"])
         torch.set_rng_state(ckpt["torch_rng"])
@@ -156,11 +188,13 @@ def train(cfg: RunConfig, params_path: str | Path | None = None, resume: bool | 
         tracker.set_tags({"bench.arm": cfg.arm, "bench.mode": cfg.mode, **{f"bench.{k}": v for k, v in prov.items()}})
 
     def save_checkpoint() -> None:
-        atomic.torch_save(ckpt_path, {
-            "config": cfg.to_dict(), "model": model.state_dict(), "optimizer": optimizer.state_dict(),
-            "scheduler": scheduler.state_dict(), "block_sampler": block_sampler.state_dict(),
+        with optimizer.materialize():
+            weights, opt_state = model.state_dict(), optimizer.state_dict()
+            atomic.torch_save(ckpt_path, {
+                "config": cfg.to_dict(), "model": weights, "optimizer": opt_state,
+                "block_sampler": block_sampler.state_dict(),
             "noise_rng": noise_gen.get_state(), "torch_rng": torch.get_rng_state(),
-            "cuda_rng": torch.cuda.get_rng_state(device) if device.type == "cuda" else None, "state": state})
+                "cuda_rng": torch.cuda.get_rng_state(device) if device.type == "cuda" else None, "state": state})
 
     evals_at = curve_steps(budget, cfg.train.curve_points)
     pending: list[tuple[str, float, int]] = []   # per-step metrics, flushed to MLflow in batches
@@ -172,42 +206,32 @@ def train(cfg: RunConfig, params_path: str | Path | None = None, resume: bool | 
         while state["step"] < budget.total_steps:
             step = state["step"]
             batch = task.batch(batches.indices(step), seed=cfg.train.seed * 7919 + step, device=device)
-            n = cfg.train.batch_size
-            if cfg.is_dblocks:      # one block, σ from its range
-                block = block_sampler.sample()
-                layers = task.layout.layers_of(block)
-                sigma = task.partition.sample_training_sigma(block, n, noise_gen)
-            elif task.e2e_denoiser:  # all layers, σ from the whole range
-                block, layers = None, task.layout.all_layers()
-                sigma = task.full_range.sample_training_sigma(0, n, noise_gen)
-            else:                   # a plain model
-                block, layers, sigma = None, task.layout.all_layers(), None
+            block = block_sampler.sample() if cfg.is_dblocks else None
             # memory is measured once per block (its first step after two warm-up steps)
             meter_key = "all" if block is None else f"block{block}"
             measure = step >= 2 and meter_key not in state["memory"]
-            meter = MemoryMeter(model, optimizer, device) if measure else None
+            optimizer.activate(block)  # offload: only this block's weights on the device
+            meter = MemoryMeter(model, optimizer.resident_optimizers(), device) if measure else None
             t0 = time.perf_counter()
             if meter:
                 meter.__enter__()
-            loss, extra = task.loss(model, batch, sigma=sigma, layers=layers, generator=noise_gen)
+            loss, extra, layers = forward_loss(cfg, task, model, batch, block, noise_gen)
             if not torch.isfinite(loss):
                 if meter:
                     meter.__exit__(None, None, None)
                 raise NonFiniteLoss(
                     f"{cfg.suite}/{cfg.arm}: loss is {loss.item()} at step {step}"
                     + (f" (block {block})" if block is not None else "")
-                    + f", lr {scheduler.get_last_lr()[0]:.3g}; stopped. Last good checkpoint: "
+                    + f", lr {optimizer.lr:.3g}; stopped. Last good checkpoint: "
                     + (f"{ckpt_path} (step {torch.load(ckpt_path, weights_only=False)['state']['step']})"
                        if ckpt_path.exists() else "none yet")
                     + ". Lower train.lr or raise train.warmup_epochs, then rerun with --resume")
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.train.grad_clip)
-            optimizer.step()
-            scheduler.step()
+            grad_norm = backward_step(cfg, model, optimizer, loss)
             if meter:
                 meter.__exit__(None, None, None)
-                state["memory"][meter_key] = meter.report().to_dict()
+                report = meter.report()
+                report.host_parked_bytes = optimizer.parked_bytes()
+                state["memory"][meter_key] = report.to_dict()
             else:
                 if device.type == "cuda":
                     torch.cuda.synchronize(device)
@@ -217,7 +241,7 @@ def train(cfg: RunConfig, params_path: str | Path | None = None, resume: bool | 
             state["layer_evals"] += len(layers)
 
             values = {"train/loss": loss.item(), "train/ce": float(extra["ce"]), "train/grad_norm": float(grad_norm),
-                      "train/lr": scheduler.get_last_lr()[0]}
+                      "train/lr": optimizer.lr}
             if block is not None:
                 values[f"train/loss_block{block}"] = values["train/loss"]
                 values[f"train/ce_block{block}"] = values["train/ce"]
@@ -232,7 +256,8 @@ def train(cfg: RunConfig, params_path: str | Path | None = None, resume: bool | 
                 pending, window = [], {}
                 bar.set_postfix(loss=f"{row['train/loss']:.3g}")
             if step in evals_at:
-                metrics = task.evaluate(model, device)
+                with optimizer.materialize():
+                    metrics = task.evaluate(model, device)
                 point = {"step": step, "layer_evals": state["layer_evals"],
                          "epochs_equiv": state["layer_evals"] / (budget.steps_per_epoch * task.layout.depth),
                          "train_time_s": state["train_time"], **metrics}
@@ -265,7 +290,8 @@ def train(cfg: RunConfig, params_path: str | Path | None = None, resume: bool | 
         "cuda_allocator_peak_bytes": mem["allocator_peak_bytes"], "rss_peak_bytes": mem["rss_peak_bytes"],
         "device": prov["device_name"], "git_sha": prov["git_sha"], "seed": cfg.train.seed,
     }
-    atomic.torch_save(out / "final.pt", {"config": cfg.to_dict(), "model": model.state_dict(), "summary": summary})
+    with optimizer.materialize():
+        atomic.torch_save(out / "final.pt", {"config": cfg.to_dict(), "model": model.state_dict(), "summary": summary})
     atomic.write_csv(out / "history.csv", pd.DataFrame(state["history"]))
     atomic.write_csv(out / "log.csv", pd.DataFrame(state["log"]))
     atomic.write_csv(out / "summary.csv", pd.DataFrame([summary]))

@@ -66,6 +66,10 @@ class Task:
         """The training batch of these example indices (augmentation deterministic in seed)."""
         raise NotImplementedError
 
+    def example_batch(self, batch_size: int, device: torch.device) -> Any:
+        """A random batch of the right shapes (memory and speed benchmarks need no dataset)."""
+        raise NotImplementedError(f"task {self.name!r} has no example batch; `bench memory` cannot run it")
+
     def loss(self, model, batch, *, sigma: torch.Tensor | None, layers: range,
              generator: torch.Generator) -> tuple[torch.Tensor, dict]:
         """Loss of one batch; sigma None only for a plain (non-denoiser) e2e model."""

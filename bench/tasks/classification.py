@@ -81,6 +81,12 @@ class ClassificationTask(Task):
     def batch(self, indices, seed, device):
         return self._images(self.train_split, indices, device, self.cfg.data.augment, seed)
 
+    def example_batch(self, batch_size, device):
+        m = model_config(self.cfg.model)
+        g = torch.Generator().manual_seed(0)
+        images = torch.randn(batch_size, m.in_channels, m.image_size, m.image_size, generator=g)
+        return images.to(device), torch.randint(m.num_classes, (batch_size,), generator=g).to(device)
+
     def _images(self, split, indices, device, augmentation="none", seed=0):
         images = augment(split.images[indices], augmentation, seed)
         return normalise(images, self.cfg.data.dataset).to(device), split.labels[indices].to(device)

@@ -1,0 +1,252 @@
+"""`bench memory`: measured peak memory and step time of every arm, for any model config.
+
+For each (mode, B, batch size, residency) the benchmark builds the model and its optimizer(s),
+trains one step of every block (so every block has Adam state, as after the first steps of a real
+run), then measures one step of every block with `bench.memory.MemoryMeter` (the figure is the
+largest over blocks) and times `time_steps` further steps per block (median).  Memory of a step
+needs no dataset: the input is random data of the right shape.
+
+Reading the table:
+  mem_ratio    peak of e2e at the same batch size / peak of this row (the paper claims B)
+  speed_ratio  (this row's median step time) / (e2e step time / B): time per block step
+               relative to the ideal share of an end-to-end step (the paper: ≈ 1.07 on an H100)
+"""
+
+from __future__ import annotations
+
+import copy
+import statistics
+import time
+from pathlib import Path
+
+import pandas as pd
+import torch
+
+from bench import atomic, track
+from bench.config import RunConfig, load_config, arm_names, model_config, validate
+from bench.memory import COMPONENTS, MemoryMeter
+from bench.tasks import make_task
+from bench.train import Budget, backward_step, build_model, forward_loss, make_optimizer, resolve_device
+
+MiB, GiB = 2**20, 2**30
+
+
+def variant(base: RunConfig, mode: str, num_blocks: int, batch_size: int, residency: str,
+            depth: int | None = None) -> RunConfig:
+    cfg = copy.deepcopy(base)
+    cfg.mode, cfg.arm = mode, mode
+    cfg.diffusion.num_blocks = num_blocks
+    cfg.diffusion.layer_distribution = []
+    cfg.train.batch_size, cfg.train.residency = batch_size, residency
+    if depth is not None:
+        cfg.model["depth"] = depth
+    validate(cfg)
+    return cfg
+
+
+def measure(cfg: RunConfig, device: torch.device, time_steps: int = 3) -> dict:
+    """Peak memory (largest over blocks) and median step time of one configuration."""
+    task = make_task(cfg)
+    torch.manual_seed(0)
+    model = build_model(cfg, task).to(device).train()
+    budget = Budget(1, 10**6, 10**6, 0)
+    optimizer = make_optimizer(cfg, task, model, device, budget)
+    batch = task.example_batch(cfg.train.batch_size, device)
+    gen = torch.Generator().manual_seed(0)
+    blocks = list(range(task.layout.num_blocks)) if cfg.is_dblocks else [None]
+
+    def step(block):
+        optimizer.activate(block)
+        loss, _, _ = forward_loss(cfg, task, model, batch, block, gen)
+        backward_step(cfg, model, optimizer, loss)
+
+    for b in blocks:  # warm-up: every block gets its Adam state
+        step(b)
+    reports = []
+    for b in blocks:
+        optimizer.activate(b)
+        with MemoryMeter(model, optimizer.resident_optimizers(), device) as meter:
+            step(b)
+        r = meter.report()
+        r.host_parked_bytes = optimizer.parked_bytes()
+        reports.append(r)
+    times = []
+    for _ in range(time_steps):
+        for b in blocks:
+            optimizer.activate(b)
+            if device.type == "cuda":
+                torch.cuda.synchronize(device)
+            t0 = time.perf_counter()
+            step(b)
+            if device.type == "cuda":
+                torch.cuda.synchronize(device)
+            times.append(time.perf_counter() - t0)
+    peak = max(reports, key=lambda r: r.peak_bytes)
+    with optimizer.materialize():
+        n_params = sum(p.numel() for p in model.parameters())
+    return {"peak_bytes": peak.peak_bytes, **{c: getattr(peak, c) for c in COMPONENTS},
+            "host_parked_bytes": peak.host_parked_bytes, "allocator_peak_bytes": peak.allocator_peak_bytes,
+            "median_step_s": statistics.median(times) if times else float("nan"), "parameters_count": n_params}
+
+
+def _note(row: pd.Series, e2e: pd.Series) -> str:
+    """For a dblocks row that misses 0.9·B: the component furthest above its ideal share."""
+    if not row["mode"].startswith("dblocks") or row["mem_ratio"] >= 0.9 * row["B"]:
+        return ""
+    excess = {c: row[c] - e2e[c] / row["B"] for c in COMPONENTS}
+    worst = max(excess, key=excess.get)
+    return (f"misses 0.9·B: {worst} is {excess[worst] / MiB:.1f} MiB above e2e/B"
+            + (" (every block's weights and Adam state stay on the device)" if row["residency"] == "resident"
+               and worst in ("parameters", "optimizer_state") else "")
+            + (" (shared stem/head and σ-conditioning are not split)" if row["residency"] == "offload"
+               and worst in ("parameters", "optimizer_state", "gradients") else ""))
+
+
+def memory_benchmark(params_path: str | Path, blocks: list[int], batch_sizes: list[int], modes: list[str],
+                     residencies: list[str], name: str | None = None, out_dir: str | Path = "results/memory",
+                     time_steps: int = 3, budget: int | None = None, log=print) -> Path:
+    base = load_config(params_path, arm_names(params_path)[0])
+    name = name or base.suite
+    device = resolve_device(base.train.device)
+    if base.train.threads:
+        torch.set_num_threads(base.train.threads)
+    depth = model_config(base.model).depth
+    bad = [B for B in blocks if B > depth]
+    if bad:
+        raise ValueError(f"B={bad[0]} is larger than the model's depth ({depth})")
+    rows = []
+    for bs in batch_sizes:
+        for mode in modes:
+            grid = [(B, r) for B in blocks for r in residencies] if mode.startswith("dblocks") else [(1, "resident")]
+            for B, residency in grid:
+                cfg = variant(base, mode, B, bs, residency)
+                m = measure(cfg, device, time_steps)
+                rows.append({"config": name, "mode": mode, "residency": residency if mode.startswith("dblocks") else "-",
+                             "B": B if mode.startswith("dblocks") else 1, "batch_size": bs, "depth": depth, **m})
+                log(f"memory {name}: {mode:<13} B={rows[-1]['B']} batch {bs:<4} {rows[-1]['residency']:<9} "
+                    f"peak {m['peak_bytes'] / MiB:9.1f} MiB  step {1000 * m['median_step_s']:8.1f} ms")
+    df = pd.DataFrame(rows)
+    ratios, speeds, notes = [], [], []
+    for _, row in df.iterrows():
+        e2e = df[(df["mode"] == ("e2e+ckpt" if row["mode"].endswith("+ckpt") else "e2e"))
+                 & (df["batch_size"] == row["batch_size"])]
+        e2e = e2e.iloc[0] if len(e2e) else None
+        ratios.append(e2e["peak_bytes"] / row["peak_bytes"] if e2e is not None else float("nan"))
+        speeds.append(row["median_step_s"] / (e2e["median_step_s"] / row["B"]) if e2e is not None else float("nan"))
+        row = row.copy()
+        row["mem_ratio"] = ratios[-1]
+        notes.append(_note(row, e2e) if e2e is not None else "")
+    df["mem_ratio"], df["speed_ratio"], df["note"] = ratios, speeds, notes
+    out = Path(out_dir)
+    atomic.write_csv(out / f"{name}.csv", df)
+    png = plot_memory(df, out / f"{name}.png", name)
+    extra = largest_trainable(base, device, budget, modes, log=log) if budget else None
+    md = render_markdown(df, name, device, params_path, extra, budget)
+    atomic.write_text(out / f"{name}.md", md)
+    if track.enabled():
+        t = track.Tracker("memory", name, None)
+        t.log_params({"params_file": str(params_path), "blocks": blocks, "batch_sizes": batch_sizes,
+                      "modes": modes, "residencies": residencies, **track.provenance(device)})
+        for i, r in df.iterrows():
+            t.log_metrics({"peak_MiB": r["peak_bytes"] / MiB, "mem_ratio": r["mem_ratio"]}, step=i)
+        for f in (out / f"{name}.csv", out / f"{name}.md", png):
+            t.log_artifact(f)
+        t.end()
+    return out / f"{name}.md"
+
+
+def plot_memory(df: pd.DataFrame, path: Path, name: str) -> Path:
+    """Peak memory against B by component, one panel per (mode, residency) at the largest batch,
+    with e2e's peak / B as the ideal."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    bs = df["batch_size"].max()
+    d = df[df["batch_size"] == bs]
+    panels = d[d["mode"].str.startswith("dblocks")][["mode", "residency"]].drop_duplicates().values.tolist()
+    fig, axes = plt.subplots(1, max(1, len(panels)), figsize=(4.2 * max(1, len(panels)), 4), sharey=True, squeeze=False)
+    colors = {"parameters": "#2a7", "gradients": "#36c", "optimizer_state": "#db3", "activations": "#c33"}
+    for ax, (mode, residency) in zip(axes[0], panels):
+        rows = d[(d["mode"] == mode) & (d["residency"] == residency)].sort_values("B")
+        e2e = d[d["mode"] == ("e2e+ckpt" if mode.endswith("+ckpt") else "e2e")]
+        bottom = [0.0] * len(rows)
+        for c in COMPONENTS:
+            vals = (rows[c] / MiB).tolist()
+            ax.bar([str(b) for b in rows["B"]], vals, bottom=bottom, color=colors[c], label=c.replace("_", " "))
+            bottom = [a + b for a, b in zip(bottom, vals)]
+        if len(e2e):
+            ideal = [e2e.iloc[0]["peak_bytes"] / MiB / b for b in rows["B"]]
+            ax.plot([str(b) for b in rows["B"]], ideal, "k--o", label=f"{e2e.iloc[0]['mode']} peak / B")
+        ax.set_title(f"{mode}, {residency}", fontsize=9)
+        ax.set_xlabel("blocks B")
+        ax.grid(alpha=0.3, axis="y")
+    axes[0][0].set_ylabel("peak memory of a training step (MiB)")
+    axes[0][-1].legend(fontsize=7)
+    fig.suptitle(f"{name}: measured peak memory by component (batch {bs})", fontsize=10)
+    fig.tight_layout()
+    tmp = path.with_name(f".{path.name}.tmp.png")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(tmp, dpi=120)
+    plt.close(fig)
+    tmp.replace(path)
+    return path
+
+
+def largest_trainable(base: RunConfig, device: torch.device, budget: int, modes: list[str], log=print) -> pd.DataFrame:
+    """The deepest model of this width each arm can train within `budget` bytes, found by
+    measuring (exponential then binary search over depth; dblocks keeps the config's B)."""
+    B = base.diffusion.num_blocks
+    bs = base.train.batch_size
+    rows = []
+    for mode in modes:
+        residency = "offload" if mode.startswith("dblocks") else "resident"
+        step = B if mode.startswith("dblocks") else 1
+
+        def peak(depth):
+            m = measure(variant(base, mode, B if mode.startswith("dblocks") else 1, bs, residency, depth), device, 0)
+            log(f"largest {mode}: depth {depth}: {m['peak_bytes'] / MiB:.0f} MiB")
+            return m["peak_bytes"]
+
+        lo, hi = 0, step
+        while peak(hi) <= budget:
+            lo, hi = hi, hi * 2
+            if hi > 4096:
+                break
+        while hi - lo > step:  # invariant: lo fits (or 0), hi does not
+            mid = (lo + hi) // 2 // step * step
+            if mid <= lo:
+                break
+            lo, hi = (mid, hi) if peak(mid) <= budget else (lo, mid)
+        rows.append({"mode": mode, "residency": residency, "B": B if mode.startswith("dblocks") else 1,
+                     "batch_size": bs, "deepest_depth": lo})
+    return pd.DataFrame(rows)
+
+
+def render_markdown(df: pd.DataFrame, name: str, device, params_path, extra: pd.DataFrame | None, budget) -> str:
+    from bench.report import _command, _markdown_table
+    show = df.copy()
+    for c in ["peak_bytes", *COMPONENTS, "host_parked_bytes"]:
+        show[c] = show[c] / MiB
+    show["allocator_peak_MiB"] = [v / MiB if v >= 0 else float("nan") for v in df["allocator_peak_bytes"]]
+    show["median_step_ms"] = 1000 * show["median_step_s"]
+    show = show.rename(columns={"peak_bytes": "peak_MiB", "parameters": "params_MiB", "gradients": "grads_MiB",
+                                "optimizer_state": "optim_MiB", "activations": "activations_MiB",
+                                "host_parked_bytes": "host_parked_MiB"})
+    cols = ["mode", "residency", "B", "batch_size", "peak_MiB", "params_MiB", "grads_MiB", "optim_MiB",
+            "activations_MiB", "host_parked_MiB", "allocator_peak_MiB", "mem_ratio", "median_step_ms",
+            "speed_ratio", "note"]
+    lines = [f"# Memory and speed: {name}\n",
+             f"Produced by `{_command()}` (params {params_path}), code {track.git_sha()[:12]}, "
+             f"device {track.device_name(device)}.\n",
+             "Peak of live tensor bytes on the compute device during one training step, measured by "
+             "`bench.memory.MemoryMeter` (every tensor created in forward, backward and optimizer step), split by "
+             "component at the peak, largest over blocks. `allocator_peak_MiB` is CUDA's own allocator peak (blank "
+             "on CPU). `host_parked_MiB`: inactive blocks' weights and Adam state parked on the host (`offload`). "
+             "`mem_ratio` = e2e peak (same batch, same checkpointing) / this peak — the paper claims B. "
+             "`speed_ratio` = this step / (e2e step / B); the paper's H100 figure is 0.0181 / (0.0507 / 3) ≈ 1.07. "
+             "Step times on a shared CPU are indicative only.\n",
+             _markdown_table(show[cols]), f"\n![memory by component]({name}.png)\n"]
+    if extra is not None:
+        lines += [f"\n## Deepest trainable model within {budget / GiB:.3g} GiB (width and batch of the config; "
+                  "found by measuring)\n", _markdown_table(extra)]
+    return "\n".join(lines)
