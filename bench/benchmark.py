@@ -44,8 +44,10 @@ def variant(base: RunConfig, mode: str, num_blocks: int, batch_size: int, reside
     return cfg
 
 
-def measure(cfg: RunConfig, device: torch.device, time_steps: int = 3) -> dict:
-    """Peak memory (largest over blocks) and median step time of one configuration."""
+def measure(cfg: RunConfig, device: torch.device, time_steps: int = 3, first_block_only: bool = False) -> dict:
+    """Peak memory (largest over blocks) and median step time of one configuration.
+    first_block_only: with `offload` the blocks of an equal split peak alike, so measuring block 0
+    is enough (the deepest-model search uses it to save time)."""
     task = make_task(cfg)
     torch.manual_seed(0)
     model = build_model(cfg, task).to(device).train()
@@ -54,6 +56,8 @@ def measure(cfg: RunConfig, device: torch.device, time_steps: int = 3) -> dict:
     batch = task.example_batch(cfg.train.batch_size, device)
     gen = torch.Generator().manual_seed(0)
     blocks = list(range(task.layout.num_blocks)) if cfg.is_dblocks else [None]
+    if first_block_only and cfg.train.residency == "offload":
+        blocks = blocks[:1]
 
     def step(block):
         optimizer.activate(block)
@@ -203,7 +207,8 @@ def largest_trainable(base: RunConfig, device: torch.device, budget: int, modes:
         step = B if mode.startswith("dblocks") else 1
 
         def peak(depth):
-            m = measure(variant(base, mode, B if mode.startswith("dblocks") else 1, bs, residency, depth), device, 0)
+            m = measure(variant(base, mode, B if mode.startswith("dblocks") else 1, bs, residency, depth), device, 0,
+                        first_block_only=True)
             log(f"largest {mode}: depth {depth}: {m['peak_bytes'] / MiB:.0f} MiB")
             return m["peak_bytes"]
 
