@@ -1,0 +1,361 @@
+"""Class-conditional image generation with a DiT denoiser (paper §5.2), scored by FID and KID.
+
+Training (EDM, Karras et al. 2022): y = image in [−1, 1] (or a VAE latent), z = y + σε,
+D = c_skip·z + c_out·F_θ(c_in·z; c_noise(σ), class), loss = mean(λ(σ)·‖D − y‖²/dim) through
+`bench.diffusion.weighted_loss`.  10 % of labels become the null class (classifier-free
+guidance).  Both arms are denoisers (`e2e_denoiser`): e2e trains all layers on σ from the whole
+range, dblocks one block on σ from its range; the trainer chooses σ and the layers.
+
+Sampling: z₀ = σ_max·ε, then `eval.steps` network calls along a descending σ grid with Euler
+steps (`sample_chain`; the last call returns D at σ_min).  dblocks: the equal-probability grid,
+each call run by the block that owns σ; e2e: the Karras ρ = 7 grid through all layers.
+Guidance: D = D_null + s·(D_class − D_null) (s = 1 plain conditional, 0 unconditional).
+
+Metrics (`bench.metrics.fid`): FID against the test split and the train split (first
+`fid_ref_n` images, or all), with `fid_n` generated images (balanced over classes), the minimum
+over `fid_repeats` independent sample sets (EDM's protocol); KID against the test split.  The
+learning curve uses `curve_fid_n` images and the test split only.  No Inception Score (see
+bench/metrics/fid.py).
+"""
+
+from __future__ import annotations
+
+import math
+import statistics
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+from bench.blocks import BlockLayout
+from bench.config import ConfigError, DataConfig, EvalConfig, model_config
+from bench.data.images import DatasetMissing, SHAPES, check_dataset, load_dataset
+from bench.diffusion import GRIDS, c_noise, denoised, make_sigmas, sample_chain, scale_input, weighted_loss
+from bench.metrics import fid as fidlib
+from bench.tasks.base import Task
+
+IMAGE_DATASETS = ("fashion_mnist", "cifar10")
+LATENT_DATASETS = ("imagenet_latents",)
+
+
+@dataclass
+class GenerationDataConfig(DataConfig):
+    hflip: bool = False          # random horizontal flips (DiT's only augmentation)
+    label_dropout: float = 0.1   # fraction of labels replaced by the null class (CFG training)
+    # imagenet_latents only (see bench/data/latents.py)
+    image_dir: str = ""          # ImageFolder root with train/ and val/ (val is the test split)
+    vae: str = ""                # directory of the stabilityai/sd-vae-ft-ema weights (diffusers format)
+    latents: str = ""            # cached latents written by `bench latents` (default: beside image_dir)
+    image_size: int = 256        # pixels; the latent side is image_size / 8
+
+
+@dataclass
+class GenerationEvalConfig(EvalConfig):
+    cfg_scale: float = 2.0           # classifier-free guidance s (paper: 2.0); 1: none, 0: unconditional
+    steps: int = 50                  # network calls per sample (paper: 50 Euler steps)
+    grid_dblocks: str = "equiprobable"   # σ grid of the dblocks sampler (paper App. H)
+    grid_e2e: str = "karras"         # σ grid of the e2e sampler (EDM)
+    rho: float = 7.0                 # Karras grid exponent
+    samples: int = 0                 # images generated per final FID evaluation (0: fid_n)
+    fid_n: int = 1000                # images used for the final FID (paper: 50 000)
+    fid_repeats: int = 1             # k: the final FID is the minimum over k sample sets (paper: 3)
+    curve_fid_n: int = 200           # images per learning-curve FID (cheap, biased upwards)
+    fid_ref_n: int = 0               # real images per reference split (0: the whole split)
+    fid_splits: list = field(default_factory=lambda: ["test", "train"])
+    fid_weights: str = str(fidlib.DEFAULT_WEIGHTS)   # or "download" (torch-fidelity's own, needs a network)
+    fid_cache: str = ".cache/fid/stats"
+    fid_batch: int = 100             # Inception batch
+    kid_subset_size: int = 1000
+    kid_subsets: int = 100
+    grid_columns: int = 8            # sample grid: one row per class, this many seeds per row
+
+
+class GenerationTask(Task):
+    name = "generation"
+    metric = "fid_test"
+    higher_is_better = False
+    e2e_denoiser = True
+    data_config = GenerationDataConfig
+    eval_config = GenerationEvalConfig
+
+    @classmethod
+    def validate_config(cls, cfg) -> None:
+        e, d = cfg.eval, cfg.data
+        if cfg.model.get("arch") != "dit":
+            raise ConfigError(f"task generation needs model.arch: dit, got {cfg.model.get('arch')!r}")
+        if d.dataset not in IMAGE_DATASETS + LATENT_DATASETS:
+            raise ConfigError(f"unknown data.dataset {d.dataset!r} for generation; "
+                              f"choose one of {', '.join(IMAGE_DATASETS + LATENT_DATASETS)}")
+        if e.cfg_scale < 0:
+            raise ConfigError(f"eval.cfg_scale must be >= 0, got {e.cfg_scale}")
+        if not 0 <= d.label_dropout < 1:
+            raise ConfigError(f"data.label_dropout must be in [0, 1), got {d.label_dropout}")
+        if e.cfg_scale != 1 and d.label_dropout == 0:
+            raise ConfigError("eval.cfg_scale != 1 needs an unconditional model: set data.label_dropout > 0")
+        if e.steps < 1:
+            raise ConfigError(f"eval.steps must be >= 1, got {e.steps}")
+        for key in ("grid_dblocks", "grid_e2e"):
+            if getattr(e, key) not in GRIDS:
+                raise ConfigError(f"unknown eval.{key} {getattr(e, key)!r}; choose one of {', '.join(GRIDS)}")
+        if e.fid_n < 2 or e.curve_fid_n < 2:
+            raise ConfigError(f"eval.fid_n and eval.curve_fid_n must be >= 2, got {e.fid_n} and {e.curve_fid_n}")
+        if e.fid_n > (e.samples or e.fid_n):
+            raise ConfigError(f"eval.fid_n={e.fid_n} is larger than the {e.samples} images generated (eval.samples)")
+        if e.fid_repeats < 1:
+            raise ConfigError(f"eval.fid_repeats must be >= 1, got {e.fid_repeats}")
+        bad = [s for s in e.fid_splits if s not in ("train", "test")]
+        if bad or not e.fid_splits or "test" not in e.fid_splits:
+            raise ConfigError(f"eval.fid_splits must include 'test' and may add 'train', got {e.fid_splits}")
+        if e.fid_ref_n < 0:
+            raise ConfigError(f"eval.fid_ref_n must be >= 0, got {e.fid_ref_n}")
+        if d.dataset in LATENT_DATASETS and d.image_size % 8:
+            raise ConfigError(f"data.image_size {d.image_size} must be divisible by 8 (the VAE's downsampling)")
+
+    def __init__(self, cfg):
+        super().__init__(cfg)
+        self.mcfg = model_config(cfg.model)
+        self._net = None         # Inception, loaded on first use
+        self._refs: dict = {}    # split → (features, Stats)
+
+    # ---- data and model ---------------------------------------------------------------------
+    @property
+    def latent(self) -> bool:
+        return self.cfg.data.dataset in LATENT_DATASETS
+
+    def shape(self) -> tuple[int, int, int]:
+        """(channels, side, classes) of what the network denoises."""
+        d = self.cfg.data
+        if self.latent:
+            return 4, d.image_size // 8, 1000
+        return SHAPES[d.dataset]
+
+    def check(self) -> None:
+        d, e = self.cfg.data, self.cfg.eval
+        if self.latent:
+            from bench.data.latents import check_sources
+            check_sources(d)
+        else:
+            check_dataset(d.dataset, d.root)
+        channels, size, classes = self.shape()
+        m = self.mcfg
+        if (m.in_channels, m.image_size, m.num_classes) != (channels, size, classes):
+            raise ConfigError(f"arm {self.cfg.arm}: the model takes {m.in_channels}×{m.image_size}×{m.image_size} inputs "
+                              f"and {m.num_classes} classes, but {d.dataset} gives {channels}×{size}×{size} and {classes}")
+        if e.fid_weights != fidlib.DOWNLOAD:
+            try:
+                fidlib.check_weights(e.fid_weights)
+            except fidlib.WeightsError as err:
+                raise ConfigError(str(err)) from None
+
+    def load(self) -> None:
+        d = self.cfg.data
+        if self.latent:
+            from bench.data.latents import load_latents
+            self.train_x, self.train_y = load_latents(d, "train")
+        else:
+            split = load_dataset(d.dataset, d.root)
+            self.splits = split
+            tr = split["train"].head(d.train_subset)
+            self.train_x, self.train_y = tr.images, tr.labels
+        self.num_train = len(self.train_y)
+        ref_n, e = self.cfg.eval.fid_ref_n, self.cfg.eval
+        if not self.latent:
+            for s in e.fid_splits:
+                size = len(self.splits[s])
+                if ref_n > size:
+                    raise ConfigError(f"eval.fid_ref_n={ref_n} is larger than the {s} split ({size} images)")
+
+    def build_model(self):
+        from bench.models import ARCHS
+        return ARCHS["dit"][1](self.mcfg)
+
+    def to_model_space(self, x: torch.Tensor) -> torch.Tensor:
+        """uint8 images → [−1, 1]; latents are already scaled."""
+        return x.float() / 127.5 - 1 if x.dtype == torch.uint8 else x.float()
+
+    def batch(self, indices, seed, device):
+        x = self.to_model_space(self.train_x[indices])
+        if self.cfg.data.hflip:
+            flip = torch.rand(len(x), generator=torch.Generator().manual_seed(seed)) < 0.5
+            x[flip] = x[flip].flip(-1)
+        return x.to(device), self.train_y[indices].to(device)
+
+    def example_batch(self, batch_size, device):
+        m = self.mcfg
+        g = torch.Generator().manual_seed(0)
+        x = torch.randn(batch_size, m.in_channels, m.image_size, m.image_size, generator=g)
+        return x.to(device), torch.randint(m.num_classes, (batch_size,), generator=g).to(device)
+
+    # ---- training ---------------------------------------------------------------------------
+    def denoise(self, model, z, sigma, labels, layers: range) -> torch.Tensor:
+        """D_θ(z; σ, class) = c_skip·z + c_out·F_θ(c_in·z; c_noise, class) through `layers`."""
+        sd = self.noise.sigma_data
+        F_out = model(scale_input(z, sigma, sd), c_noise(sigma), labels, layers)
+        return denoised(z, F_out, sigma, sd)
+
+    def loss(self, model, batch, *, sigma, layers, generator=None):
+        y, labels = batch
+        sigma = sigma.to(y.device, torch.float32)
+        eps = torch.randn(y.shape, generator=generator).to(y.device)    # CPU generator: same on any device
+        drop = torch.rand(len(labels), generator=generator).to(y.device) < self.cfg.data.label_dropout
+        labels = torch.where(drop, torch.full_like(labels, self.mcfg.num_classes), labels)
+        D = self.denoise(model, y + sigma.view(-1, 1, 1, 1) * eps, sigma, labels, layers)
+        l2 = ((D - y) ** 2).flatten(1).mean(1)
+        loss = weighted_loss(l2, sigma, self.noise.sigma_data, self.cfg.diffusion.weighting)
+        return loss, {"ce": l2.mean().detach()}    # "ce": the trainer's name for the unweighted loss
+
+    # ---- sampling ---------------------------------------------------------------------------
+    def sampler_plan(self, steps: int | None = None):
+        """(σ grid ending in 0, partition, layout) of this arm's sampler."""
+        e = self.cfg.eval
+        steps = steps or e.steps
+        if self.cfg.is_dblocks:
+            partition, layout, grid = self.partition, self.layout, e.grid_dblocks
+        else:
+            partition, layout, grid = self.full_range, BlockLayout((self.layout.depth,)), e.grid_e2e
+        sigmas = torch.cat([make_sigmas(self.noise, steps, grid, e.rho), torch.zeros(1, dtype=torch.float64)])
+        return sigmas, partition, layout
+
+    def layer_evals_per_sample(self, steps: int | None = None) -> int:
+        """Transformer-layer forward passes per generated image (×2 with guidance)."""
+        sigmas, partition, layout = self.sampler_plan(steps)
+        per = sum(len(layout.layers_of(partition.block_of(s))) for s in sigmas[:-1].tolist())
+        return per * (1 if self.cfg.eval.cfg_scale == 1 else 2)
+
+    @torch.no_grad()
+    def sample(self, model, labels: torch.Tensor, generator: torch.Generator, steps: int | None = None,
+               cfg_scale: float | None = None, step_hook=None) -> torch.Tensor:
+        """Images (model space) for these labels; ε drawn from `generator` (CPU)."""
+        sigmas, partition, layout = self.sampler_plan(steps)
+        s = self.cfg.eval.cfg_scale if cfg_scale is None else cfg_scale
+        n, device = len(labels), labels.device
+        null = torch.full_like(labels, self.mcfg.num_classes)
+
+        def denoise(z, sigma: float, block: int) -> torch.Tensor:
+            layers = layout.layers_of(block)
+            if s == 1:
+                D = self.denoise(model, z, torch.full((n,), sigma, device=device), labels, layers)
+            else:   # conditional and unconditional in one batch
+                Dc, Du = self.denoise(model, torch.cat([z, z]), torch.full((2 * n,), sigma, device=device),
+                                      torch.cat([labels, null]), layers).chunk(2)
+                D = Du + s * (Dc - Du)
+            if step_hook:
+                step_hook()
+            return D
+
+        m = self.mcfg
+        eps = torch.randn((n, m.in_channels, m.image_size, m.image_size), generator=generator).to(device)
+        return sample_chain(denoise, self.noise.sigma_max * eps, sigmas, partition)
+
+    def generate(self, model, n: int, seed: int, device, steps: int | None = None) -> torch.Tensor:
+        """n images as uint8 RGB (classes balanced: label i % classes), in batches of eval.batch_size."""
+        g = torch.Generator().manual_seed(seed)
+        labels = torch.arange(n) % self.mcfg.num_classes
+        out = []
+        for i in range(0, n, self.cfg.eval.batch_size):
+            x = self.sample(model, labels[i:i + self.cfg.eval.batch_size].to(device), g, steps)
+            out.append(self.to_pixels(x).cpu())
+        return torch.cat(out)
+
+    def to_pixels(self, x: torch.Tensor) -> torch.Tensor:
+        """Model-space samples → uint8 RGB images (latents through the VAE decoder)."""
+        if self.latent:
+            from bench.data.latents import decode
+            x = decode(self.cfg.data, x)
+        return fidlib.to_uint8_rgb(x)
+
+    # ---- FID --------------------------------------------------------------------------------
+    def inception(self, device):
+        if self._net is None:
+            self._net = fidlib.inception(self.cfg.eval.fid_weights, device)
+        return self._net
+
+    def reference(self, split: str, device) -> tuple[torch.Tensor, fidlib.Stats]:
+        """Features and statistics of the real `split` (first fid_ref_n images), cached on disk."""
+        if split not in self._refs:
+            d, e = self.cfg.data, self.cfg.eval
+            tag = "tf-download" if e.fid_weights == fidlib.DOWNLOAD else fidlib.CONVERTED_SHA256[:12]
+            key = f"{d.dataset}-{split}-{e.fid_ref_n or 'all'}-{tag}"
+            if self.latent:
+                from bench.data.latents import real_images
+                images_fn = lambda: real_images(d, split, e.fid_ref_n)   # noqa: E731
+            else:
+                images_fn = lambda: self.splits[split].head(e.fid_ref_n).images   # noqa: E731
+            feats = fidlib.cached_features(Path(e.fid_cache), key, images_fn, self.inception(device), e.fid_batch)
+            self._refs[split] = feats, fidlib.statistics(feats)
+        return self._refs[split]
+
+    def fid_scores(self, model, device, n: int, repeats: int, splits: list[str]) -> dict:
+        """FID per split (minimum over `repeats` sample sets) and KID against the test split."""
+        e = self.cfg.eval
+        best: dict[str, float] = {}
+        kid = None
+        for r in range(repeats):
+            images = self.generate(model, n, seed=e.seed + 7919 * r, device=device)
+            feats = fidlib.features(self.inception(device), images, e.fid_batch)
+            stats = fidlib.statistics(feats)
+            for split in splits:
+                ref_feats, ref_stats = self.reference(split, device)
+                value = fidlib.fid(stats, ref_stats)
+                best[split] = min(best.get(split, math.inf), value)
+                if split == "test" and (kid is None or value <= best[split]):
+                    kid = fidlib.kid(feats, ref_feats, e.kid_subset_size, e.kid_subsets, seed=e.seed)
+        out = {f"fid_{s}": v for s, v in best.items()}
+        out["kid_test"], out["kid_test_std"] = kid
+        return out
+
+    @torch.no_grad()
+    def evaluate(self, model, device, final: bool = False) -> dict:
+        """Curve point: FID@curve_fid_n against the test split.  Final: FID@fid_n against the test
+        and train splits (min over fid_repeats), KID, sampling cost, and a sample grid PNG."""
+        e = self.cfg.eval
+        was_training = model.training
+        model.eval()
+        try:
+            if not final:
+                return {**self.fid_scores(model, device, e.curve_fid_n, 1, ["test"]), "fid_n": e.curve_fid_n}
+            result = {**self.fid_scores(model, device, e.fid_n, e.fid_repeats, list(e.fid_splits)),
+                      "fid_n": e.fid_n, "fid_repeats": e.fid_repeats, "fid_ref_n": e.fid_ref_n,
+                      "steps": e.steps, "cfg_scale": e.cfg_scale,
+                      "layer_evals_per_image": self.layer_evals_per_sample()}
+            result.update(self.sampling_cost(model, device))
+            path = self.save_grid(model, device, Path(self.cfg.out_dir) / "samples.png")
+            result["samples_png"] = str(path)
+            return result
+        finally:
+            model.train(was_training)
+
+    # ---- pictures and cost ------------------------------------------------------------------
+    def grid_images(self, model, device) -> torch.Tensor:
+        """One row per class, eval.grid_columns fixed seeds per row: uint8 (rows·cols, 3, H, W)."""
+        k, cols = self.mcfg.num_classes, self.cfg.eval.grid_columns
+        rows = min(k, 10 if self.latent else k)      # ImageNet: the first 10 classes
+        labels = torch.arange(rows).repeat_interleave(cols).to(device)
+        return self.to_pixels(self.sample(model, labels, torch.Generator().manual_seed(self.cfg.eval.seed))).cpu()
+
+    def save_grid(self, model, device, path: Path) -> Path:
+        from torchvision.utils import save_image
+        images = self.grid_images(model, device)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        save_image(images.float() / 255, path, nrow=self.cfg.eval.grid_columns, padding=1, pad_value=1.0)
+        return path
+
+    def sampling_cost(self, model, device, batch: int = 50, repeats: int = 3) -> dict:
+        """Median seconds per network call (one Euler step, with guidance) for a batch, and per image
+        for the whole `eval.steps` chain."""
+        labels = torch.arange(batch).to(device) % self.mcfg.num_classes
+        times, per_call = [], []
+
+        def tick():
+            if device.type == "cuda":
+                torch.cuda.synchronize(device)
+            times.append(time.perf_counter())
+
+        for _ in range(repeats):
+            times.clear()
+            tick()
+            self.sample(model, labels, torch.Generator().manual_seed(0), step_hook=tick)
+            per_call += [b - a for a, b in zip(times, times[1:])]
+        per_step = statistics.median(per_call)
+        return {"sec_per_step": per_step, "sec_per_image": per_step * self.cfg.eval.steps / batch}
