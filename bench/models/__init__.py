@@ -1,5 +1,7 @@
 """One file per architecture.  ARCHS maps `model.arch` to (config class, model class)."""
 
+from bench.models.mdm import MDM, MDMConfig
+from bench.models.dit import DiT, DiTConfig
 from bench.models.vit import ViT, ViTConfig
 
-ARCHS = {"vit": (ViTConfig, ViT)}
+ARCHS = {"vit": (ViTConfig, ViT), "mdm": (MDMConfig, MDM), "dit": (DiTConfig, DiT)}

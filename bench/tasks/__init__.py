@@ -4,6 +4,8 @@ from importlib import import_module
 
 TASKS = {
     "classification": "bench.tasks.classification:ClassificationTask",
+    "masked_lm": "bench.tasks.masked_lm:MaskedLMTask",
+    "generation": "bench.tasks.generation:GenerationTask",
 }
 
 
