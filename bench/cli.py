@@ -206,6 +206,9 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("--out", default="results/memory")
     q.set_defaults(func=cmd_memory)
 
+    from bench.cli_generation import add_commands as add_generation_commands  # fid-weights, fid-stats, latents, gen-report
+    add_generation_commands(sub, suite_cmd)
+
     q = suite_cmd("run", cmd_run, "prepare, train (resuming), evaluate every arm, compare", arm=False)
     q.add_argument("--no-progress", action="store_true")
     return p

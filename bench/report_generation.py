@@ -1,0 +1,241 @@
+"""Reports of the DiT generation suites, written into results/<suite>/ by the harness.
+
+  main suite    sample grids per arm, FID/KID table (train and test), the DB/E2E FID ratio,
+                sampling cost per Euler step and per image (both arms timed interleaved in one
+                process, so machine load hits both alike) and the E2E/DB ratio
+  ablations     the paper's Table 7 (partition × layer distribution, B = 3, γ = 0) and Table A2
+                (B), ours beside the paper's, each with a PNG
+
+`bench compare` still writes the generic comparison table and the FID learning curve.
+The paper's numbers are DiT-S/2 on CIFAR-10 with 50 000 samples; ours are a small DiT on
+Fashion-MNIST with a few hundred to a thousand samples: different data and scale, so only the
+ordering can be compared, never the values.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import json
+import shutil
+import statistics
+import time
+from pathlib import Path
+
+import pandas as pd
+import torch
+
+from bench import atomic, track
+from bench.config import arm_names, load_config, model_config, read_params
+from bench.report import _command, _markdown_table
+
+# The paper (v4): DiT-S/2, CIFAR-10, test FID-50k, γ = 0.  Table 7 and Table 10 [A2].
+PAPER_TABLE7 = {("log-uniform", (4, 4, 4)): 43.53, ("log-uniform", (3, 6, 3)): 43.59,
+                ("log-uniform", (6, 4, 2)): 47.49, ("log-uniform", (2, 4, 6)): 42.37,
+                ("equiprobable", (4, 4, 4)): 38.03, ("equiprobable", (3, 6, 3)): 41.64,
+                ("equiprobable", (6, 4, 2)): 45.42, ("equiprobable", (2, 4, 6)): 40.40}
+PAPER_TABLEA2 = {1: 39.83, 2: 35.47, 3: 38.03, 4: 45.43, 6: 53.32}
+PAPER_TABLE2_CIFAR = {"e2e": (32.84, 39.83), "dblocks": (30.59, 37.20)}   # train / test FID
+PAPER_LABEL = "paper: DiT-S/2, CIFAR-10, FID-50k"
+
+
+def _suite(params_path) -> tuple[str, Path]:
+    raw = read_params(params_path)
+    suite = str(raw.get("suite") or Path(params_path).parent.name)
+    return suite, Path(raw.get("results_dir") or "results") / suite
+
+
+def _header(title: str, device: str, sha: str) -> list[str]:
+    return [f"# {title}\n", f"Produced by `{_command()}` on {dt.date.today().isoformat()}, code {sha}, "
+            f"device: {device}.\n"]
+
+
+def _save(fig, path: Path) -> Path:
+    import matplotlib.pyplot as plt
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp.png")
+    fig.tight_layout()
+    fig.savefig(tmp, dpi=120)
+    plt.close(fig)
+    tmp.replace(path)
+    return path
+
+
+# ---- sampling cost ----------------------------------------------------------------------------
+def load_arm(params_path, arm: str, device="cpu"):
+    from bench.tasks import make_task
+    from bench.train import build_model
+    cfg = load_config(params_path, arm)
+    task = make_task(cfg)
+    model = build_model(cfg, task).to(device)
+    model.load_state_dict(torch.load(Path(cfg.out_dir) / "final.pt", map_location=device, weights_only=False)["model"])
+    return cfg, task, model.eval()
+
+
+@torch.no_grad()
+def sampling_cost(params_path, arms: list[str], batch: int = 50, rounds: int = 3, device="cpu") -> pd.DataFrame:
+    """Median seconds per network call and per image for each arm, the arms timed in turn in
+    `rounds` rounds so that a change of machine load affects all of them alike."""
+    loaded = {arm: load_arm(params_path, arm, device) for arm in arms}
+    per_call = {arm: [] for arm in arms}
+    for _ in range(rounds):
+        for arm, (cfg, task, model) in loaded.items():
+            labels = torch.arange(batch) % task.mcfg.num_classes
+            stamps = [time.perf_counter()]
+            task.sample(model, labels, torch.Generator().manual_seed(0), step_hook=lambda: stamps.append(time.perf_counter()))
+            per_call[arm] += [b - a for a, b in zip(stamps, stamps[1:])]
+    rows = []
+    for arm, (cfg, task, _) in loaded.items():
+        step = statistics.median(per_call[arm])
+        rows.append({"arm": arm, "mode": cfg.mode, "B": cfg.diffusion.num_blocks if cfg.is_dblocks else 1,
+                     "steps": cfg.eval.steps, "grid": cfg.eval.grid_dblocks if cfg.is_dblocks else cfg.eval.grid_e2e,
+                     "cfg_scale": cfg.eval.cfg_scale, "batch": batch,
+                     "ms_per_step": 1000 * step, "ms_per_image": 1000 * step * cfg.eval.steps / batch,
+                     "layer_evals_per_image": task.layer_evals_per_sample()})
+    return pd.DataFrame(rows)
+
+
+# ---- the main suite ---------------------------------------------------------------------------
+def report_main(params_path, log=print) -> Path:
+    suite, out = _suite(params_path)
+    arms = arm_names(params_path)
+    rows, grids = [], []
+    for arm in arms:
+        cfg = load_config(params_path, arm)
+        run = Path(cfg.out_dir)
+        ev = json.loads((run / "eval.json").read_text())
+        s = pd.read_csv(run / "summary.csv").iloc[0].to_dict()
+        rows.append({"arm": arm, "mode": cfg.mode, "B": cfg.diffusion.num_blocks if cfg.is_dblocks else 1,
+                     "gamma": cfg.diffusion.gamma if cfg.is_dblocks else "-",
+                     "fid_test": ev["fid_test"], "fid_train": ev.get("fid_train", float("nan")),
+                     "kid_test": ev["kid_test"], "kid_test_std": ev["kid_test_std"],
+                     "fid_n": ev["fid_n"], "fid_repeats": ev["fid_repeats"], "fid_ref_n": ev["fid_ref_n"] or "all",
+                     "layer_evals_train": int(s["layer_evals"]), "optimizer_steps": int(s["optimizer_steps"]),
+                     "train_time_s": s["train_time_s"],
+                     "peak_mem_MiB": s["peak_mem_bytes"] / 2**20, "device": s["device"], "git_sha": str(s["git_sha"])[:12]})
+        png = out / f"samples_{arm}.png"
+        atomic.write_bytes(png, (run / "samples.png").read_bytes())
+        grids.append((arm, png))
+    table = pd.DataFrame(rows)
+    atomic.write_csv(out / "fid.csv", table)
+    log("timing the samplers (interleaved) …")
+    cost = sampling_cost(params_path, arms)
+    e2e = cost[cost["mode"].str.startswith("e2e")]
+    if len(e2e):
+        cost["time_ratio_e2e_over_arm"] = e2e.iloc[0]["ms_per_image"] / cost["ms_per_image"]
+        cost["layer_eval_ratio_e2e_over_arm"] = e2e.iloc[0]["layer_evals_per_image"] / cost["layer_evals_per_image"]
+    atomic.write_csv(out / "sampling_cost.csv", cost)
+
+    md = _header(f"{suite}: image generation, end-to-end DiT vs DiffusionBlocks", table["device"].iloc[0],
+                 table["git_sha"].iloc[0])
+    md.append("## FID and KID (final weights, matched training compute)\n")
+    md.append(_markdown_table(table.drop(columns=["device", "git_sha"])))
+    md.append(f"\nFID@N: N = `fid_n` generated images (classes balanced), minimum over `fid_repeats` sample sets, "
+              "against the first `fid_ref_n` images of the test (`fid_test`) and train (`fid_train`) splits; Inception-v3 "
+              "of the standard FID (TF 2015-12-05 weights, torch-fidelity). FID at small N is biased upwards "
+              "(Fashion-MNIST train vs test at N = 1000 already gives about 23), so compare arms only at equal N. "
+              "KID (unbiased) against the test split. The Inception Score is not reported: the offline weights have no "
+              "classifier head, so it cannot be computed.\n")
+    by_mode = {r["mode"]: r for r in rows}
+    if "e2e" in by_mode and "dblocks" in by_mode:
+        ratio = by_mode["dblocks"]["fid_test"] / by_mode["e2e"]["fid_test"]
+        md.append(f"**DB / E2E test FID: {ratio:.3f}** ({'within' if ratio <= 1.1 else 'outside'} the 1.1× bound); "
+                  f"the paper's CIFAR-10 ratio is {PAPER_TABLE2_CIFAR['dblocks'][1] / PAPER_TABLE2_CIFAR['e2e'][1]:.3f} "
+                  f"({PAPER_TABLE2_CIFAR['e2e'][1]} → {PAPER_TABLE2_CIFAR['dblocks'][1]}; different data and scale).\n")
+    md.append("## Sampling cost\n")
+    md.append(_markdown_table(cost))
+    md.append(f"\nOne call = one Euler step of a batch of {int(cost['batch'].iloc[0])} images with classifier-free "
+              "guidance (conditional and unconditional halves in one batch of twice the size); `ms_per_image` = per-step "
+              "time × steps / batch. Both arms were timed in alternation in one process. The paper: B× fewer layer "
+              "evaluations per step (12×50 → 4×50 for DiT-S, B = 3).\n")
+    md.append("## Samples (one row per class, fixed seeds)\n")
+    md += [f"**{arm}**\n\n![{arm}]({png.name})\n" for arm, png in grids]
+    md_path = atomic.write_text(out / "generation.md", "\n".join(md))
+    metrics = {f"{r['arm']}.fid_test": r["fid_test"] for r in rows}
+    track.log_suite_artifacts(suite, params_path, [md_path, out / "fid.csv", out / "sampling_cost.csv",
+                                                    *[p for _, p in grids]], metrics)
+    return md_path
+
+
+# ---- ablations --------------------------------------------------------------------------------
+def _ablation_rows(params_path) -> pd.DataFrame:
+    rows = []
+    for arm in arm_names(params_path):
+        cfg = load_config(params_path, arm)
+        run = Path(cfg.out_dir)
+        if not (run / "summary.csv").exists():
+            raise FileNotFoundError(f"{run / 'summary.csv'} not found: train arm {arm} first")
+        s = pd.read_csv(run / "summary.csv").iloc[0].to_dict()
+        from bench.blocks import make_layout
+        d = cfg.diffusion
+        layout = make_layout(model_config(cfg.model).depth, d.num_blocks, d.layer_distribution or None)
+        rows.append({"arm": arm, "partition": d.partition, "layers": str(list(layout.layers_per_block)),
+                     "B": d.num_blocks, "gamma": d.gamma, "fid_test": s["fid_test"], "kid_test": s["kid_test"],
+                     "fid_n": int(s.get("fid_n", cfg.eval.curve_fid_n)), "layer_evals": int(s["layer_evals"]),
+                     "train_time_s": s["train_time_s"], "device": s["device"], "git_sha": str(s["git_sha"])[:12]})
+    return pd.DataFrame(rows)
+
+
+def report_ablations(params_path, log=print) -> Path:
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    suite, out = _suite(params_path)
+    df = _ablation_rows(params_path)
+    n = int(df["fid_n"].iloc[0])
+
+    # Table 7: partition × layer distribution at B = 3
+    t7 = df[df["B"] == 3].copy()
+    t7["paper_fid_test"] = [PAPER_TABLE7.get((p, tuple(json.loads(l)))) for p, l in zip(t7["partition"], t7["layers"])]
+    t7 = t7.sort_values(["partition", "layers"])
+    atomic.write_csv(out / "ablation_partition.csv", t7)
+    fig, axes = plt.subplots(1, 2, figsize=(10, 4))
+    for ax, col, title in ((axes[0], "fid_test", f"ours: Fashion-MNIST, FID@{n}"), (axes[1], "paper_fid_test", PAPER_LABEL)):
+        layouts = sorted(t7["layers"].unique())
+        for i, part in enumerate(("equiprobable", "log-uniform")):
+            sub = t7[t7["partition"] == part].set_index("layers").reindex(layouts)
+            ax.bar([j + 0.4 * i for j in range(len(layouts))], sub[col], width=0.4, label=part)
+        ax.set_xticks([j + 0.2 for j in range(len(layouts))], layouts)
+        ax.set_xlabel("layers per block (first block = highest noise)")
+        ax.set_ylabel("test FID (lower is better)")
+        ax.set_title(title, fontsize=9)
+        ax.legend(fontsize=8)
+    fig.suptitle("Partitioning × layer distribution (B = 3, γ = 0): different data and scale — compare orderings only",
+                 fontsize=9)
+    png7 = _save(fig, out / "ablation_partition.png")
+
+    # Table A2: number of blocks, equiprobable, equal layers
+    tb = df[(df["partition"] == "equiprobable")].copy()
+    tb = tb[[len(set(json.loads(l))) == 1 for l in tb["layers"]]].sort_values("B")
+    tb["paper_fid_test"] = [PAPER_TABLEA2.get(int(b)) for b in tb["B"]]
+    tb["sampling_speedup"] = tb["B"]   # layer evaluations per step: L → L/B
+    atomic.write_csv(out / "ablation_blocks.csv", tb)
+    fig, ax = plt.subplots(figsize=(6, 4))
+    ax.plot(tb["B"], tb["fid_test"], marker="o", label=f"ours: Fashion-MNIST, FID@{n}")
+    ax2 = ax.twinx()
+    ax2.plot(tb["B"], tb["paper_fid_test"], marker="s", color="C1", label=PAPER_LABEL)
+    ax.set_xlabel("number of blocks B (12 layers, equiprobable, γ = 0)")
+    ax.set_ylabel(f"ours: test FID@{n}", color="C0")
+    ax2.set_ylabel("paper: test FID-50k", color="C1")
+    fig.legend(fontsize=8, loc="upper center")
+    ax.set_title("Block count: different data and scale — compare trends only", fontsize=9)
+    pngb = _save(fig, out / "ablation_blocks.png")
+
+    cols = ["arm", "partition", "layers", "B", "fid_test", "kid_test", "paper_fid_test", "layer_evals", "train_time_s"]
+    md = _header(f"{suite}: partition and block-count ablations (γ = 0)", df["device"].iloc[0], df["git_sha"].iloc[0])
+    md += ["Ours: a small DiT on Fashion-MNIST, each arm trained for the same layer-evaluation budget, test FID with "
+           f"N = {n} generated images against the suite's test reference (biased upwards at this N; compare rows, not "
+           "absolute values). Paper: DiT-S/2 on CIFAR-10, FID-50k (Table 7 and Table 10 [A2]). **Different data and "
+           "scale: only orderings are comparable.**\n",
+           "## Partitioning × layer distribution (paper Table 7)\n", _markdown_table(t7[cols]),
+           f"\n![partition]({png7.name})\n"]
+    eq = t7[(t7["partition"] == "equiprobable") & (t7["layers"] == "[4, 4, 4]")]["fid_test"]
+    lu = t7[(t7["partition"] == "log-uniform") & (t7["layers"] == "[4, 4, 4]")]["fid_test"]
+    if len(eq) and len(lu):
+        md.append(f"At [4, 4, 4]: equiprobable {eq.iloc[0]:.2f} vs log-uniform {lu.iloc[0]:.2f} "
+                  f"({'equiprobable better' if eq.iloc[0] < lu.iloc[0] else 'log-uniform better'}; paper 38.03 vs 43.53).\n")
+    md += ["## Number of blocks (paper Table 10 [A2])\n", _markdown_table(tb[cols + ["sampling_speedup"]]),
+           f"\n![blocks]({pngb.name})\n"]
+    md_path = atomic.write_text(out / "ablations.md", "\n".join(md))
+    track.log_suite_artifacts(suite, params_path, [md_path, png7, pngb, out / "ablation_partition.csv",
+                                                    out / "ablation_blocks.csv"])
+    return md_path
