@@ -8,6 +8,7 @@
   bench evaluate suites/vit_fashion/params.yaml --arm dblocks
   bench compare suites/vit_fashion/params.yaml                results/<suite>/comparison.{csv,md,png}
   bench memory  suites/vit_cifar100/params.yaml --budget 2GiB results/memory/: peak memory and speed per arm
+  bench sweep   suites/vit_fashion/params.yaml [--resume]    Optuna study: B, partition, γ, noise, weighting
   bench run     suites/vit_fashion/params.yaml                all of the above, without DVC
 """
 
@@ -132,6 +133,11 @@ def cmd_memory(a) -> None:
     print(f"wrote {md}")
 
 
+def cmd_sweep(a) -> None:
+    from bench.sweep import run_sweep
+    print(f"wrote {run_sweep(a.params, a.study, a.trials, a.resume)}")
+
+
 def cmd_run(a) -> None:
     from bench.evaluate import evaluate_arm
     from bench.report import compare
@@ -208,6 +214,13 @@ def build_parser() -> argparse.ArgumentParser:
 
     from bench.cli_generation import add_commands as add_generation_commands  # fid-weights, fid-stats, latents, gen-report
     add_generation_commands(sub, suite_cmd)
+
+    q = sub.add_parser("sweep", help="Optuna study over B, partition, γ, layer distribution, noise, weighting")
+    q.add_argument("params", help="a suite's params.yaml with a `sweep:` section")
+    q.add_argument("--study", default=None, help="study name (default: the suite)")
+    q.add_argument("--trials", type=int, default=None, help="completed trials wanted (default: sweep.trials)")
+    q.add_argument("--resume", action="store_true", help="continue a study that exists (e.g. after a kill)")
+    q.set_defaults(func=cmd_sweep)
 
     q = suite_cmd("run", cmd_run, "prepare, train (resuming), evaluate every arm, compare", arm=False)
     q.add_argument("--no-progress", action="store_true")

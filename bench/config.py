@@ -109,7 +109,8 @@ class RunConfig:
 
 SECTIONS = {"data": DataConfig, "model": None, "diffusion": DiffusionConfig,
             "train": TrainConfig, "eval": EvalConfig}
-TOP_KEYS = {"suite", "task", "arms", "runs_dir", "results_dir", *SECTIONS}
+# sweep (bench.sweep), check (bench.check) and paper (bench.report) are read by their own modules
+TOP_KEYS = {"suite", "task", "arms", "runs_dir", "results_dir", "sweep", "check", "paper", *SECTIONS}
 
 
 def _coerce(section: str, key: str, value: Any, default: Any) -> Any:

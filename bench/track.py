@@ -67,7 +67,7 @@ def suite_key(params_path: str | Path, sha: str) -> str:
     return hashlib.sha1(Path(params_path).read_bytes() + sha.encode()).hexdigest()[:16]
 
 
-def parent_run_id(suite: str, key: str) -> str:
+def find_parent_run(suite: str, key: str) -> str:
     """The suite run's parent run: found by its key, created if absent."""
     mlflow = _mlflow()
     mlflow.set_experiment(suite)
@@ -92,7 +92,8 @@ def flatten(d: dict, prefix: str = "") -> dict:
 class Tracker:
     """A child run for one arm (or a no-op when tracking is off)."""
 
-    def __init__(self, suite: str, run_name: str, params_path: str | Path | None, run_id: str | None = None):
+    def __init__(self, suite: str, run_name: str, params_path: str | Path | None, run_id: str | None = None,
+                 parent_run_id: str | None = None):
         self.run_id = None
         if not enabled():
             return
@@ -101,7 +102,7 @@ class Tracker:
         if run_id:  # resuming: continue the same child run
             self.run_id = mlflow.start_run(run_id=run_id).info.run_id
             return
-        parent = parent_run_id(suite, suite_key(params_path, git_sha())) if params_path else None
+        parent = parent_run_id or (find_parent_run(suite, suite_key(params_path, git_sha())) if params_path else None)
         self.run_id = mlflow.start_run(run_name=run_name, parent_run_id=parent).info.run_id
 
     def log_params(self, params: dict) -> None:
@@ -142,7 +143,7 @@ def log_suite_artifacts(suite: str, params_path: str | Path, files: list[Path], 
         return
     mlflow = _mlflow()
     client = mlflow.MlflowClient()
-    pid = parent_run_id(suite, suite_key(params_path, git_sha()))
+    pid = find_parent_run(suite, suite_key(params_path, git_sha()))
     for f in files:
         if Path(f).exists():
             client.log_artifact(pid, str(f))

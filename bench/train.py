@@ -131,10 +131,12 @@ def _config_diff(a: dict, b: dict) -> list[str]:
 
 # ---- the loop ---------------------------------------------------------------------------------
 def train(cfg: RunConfig, params_path: str | Path | None = None, resume: bool | str = False,
-          progress: bool = True, log=print) -> dict:
+          progress: bool = True, log=print, on_eval=None, parent_run_id: str | None = None) -> dict:
     """Train one arm.  resume: False (start afresh), True (continue from ckpt.pt; refuse if it was
     made with other params) or "auto" (continue if it was made with the same params, otherwise
-    move it aside to ckpt.stale.pt and start afresh: what a pipeline rerun after a params edit needs)."""
+    move it aside to ckpt.stale.pt and start afresh: what a pipeline rerun after a params edit needs).
+    on_eval(step, metrics) is called at every learning-curve point (a sweep prunes from it);
+    parent_run_id puts the MLflow run under that run instead of the suite's parent run."""
     task = make_task(cfg)
     task.check()
     out = Path(cfg.out_dir)
@@ -181,7 +183,7 @@ def train(cfg: RunConfig, params_path: str | Path | None = None, resume: bool | 
     prov = track.provenance(device)
     atomic.write_text(out / "params.yaml", yaml.safe_dump({**cfg.to_dict(), "provenance": prov,
                                                           "budget": budget.__dict__}, sort_keys=False))
-    tracker = track.Tracker(cfg.suite, cfg.arm, params_path, run_id=state["mlflow_run_id"])
+    tracker = track.Tracker(cfg.suite, cfg.arm, params_path, run_id=state["mlflow_run_id"], parent_run_id=parent_run_id)
     state["mlflow_run_id"] = tracker.run_id
     if state["step"] == 0:
         tracker.log_params({**cfg.to_dict(), "budget": budget.__dict__})
@@ -265,6 +267,8 @@ def train(cfg: RunConfig, params_path: str | Path | None = None, resume: bool | 
                 tracker.log_metrics({f"eval/{k}": v for k, v in metrics.items()}, step=step)
                 bar.write(f"{cfg.suite}/{cfg.arm} step {step}/{budget.total_steps}: "
                           f"{task.metric} {metrics[task.metric]:.4f}")
+                if on_eval is not None:
+                    on_eval(step, metrics)
             if step % cfg.train.ckpt_every == 0 or step == budget.total_steps:
                 save_checkpoint()
             bar.update(1)

@@ -1,0 +1,314 @@
+"""`bench sweep`: an Optuna study over block counts, partitions, overlap, layer distribution,
+training noise and loss weighting — "how many blocks, which partition, for my model?".
+
+A suite declares its sweep in params.yaml:
+
+    sweep:
+      arm: dblocks                  # trials start from this arm's settings
+      trials: 8                     # completed trials wanted
+      objectives: [test_acc]        # the suite's metric; add peak_mem_bytes for a Pareto front
+      seeds: [0]                    # every trial is repeated over these seeds (mean), apart from the search
+      overrides: {train.epochs: 0.5}  # what makes a trial cheap
+      pruning: true                 # median pruner on the learning-curve values (single objective)
+      searchable: [train.lr]        # params beyond the default searchable set
+      space:
+        diffusion.num_blocks: [1, 2, 3, 6]        # a list: a categorical choice
+        diffusion.gamma: {low: 0.0, high: 0.1}    # a range: uniform (int if both ends are ints)
+        diffusion.P_mean: {low: -1.2, high: 1.2}
+
+The study is stored in sqlite (runs/<suite>/sweep/optuna.db), so a killed sweep continues with
+`--resume`: an unfinished trial is retried with the same params (and its training resumes from
+its checkpoint); a proposal identical to a finished trial is discarded, so no configuration is
+trained twice.  Each trial is an MLflow child run under the sweep's parent run.
+
+Outputs in results/<suite>/: sweep.csv, sweep_front.png (Pareto front, or the optimisation
+history for one objective), sweep_importance.png, best_params.yaml (params.yaml sections,
+usable with `dvc exp run -S`).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import statistics
+from pathlib import Path
+
+import pandas as pd
+import yaml
+
+from bench import atomic, track
+from bench.config import ConfigError, load_config, read_params, section_class
+
+SEARCHABLE = ("diffusion.num_blocks", "diffusion.partition", "diffusion.gamma", "diffusion.layer_distribution",
+              "diffusion.P_mean", "diffusion.P_std", "diffusion.weighting", "diffusion.sigma_edges")
+MEMORY_OBJECTIVE = "peak_mem_bytes"
+
+
+def _spec(raw: dict, params_path) -> dict:
+    spec = raw.get("sweep")
+    if not isinstance(spec, dict) or not spec.get("space"):
+        raise ConfigError(f"{params_path} has no `sweep:` section with a `space:`; see `bench sweep --help`")
+    known = {"arm", "trials", "objectives", "seeds", "overrides", "pruning", "searchable", "space", "sampler"}
+    unknown = set(spec) - known
+    if unknown:
+        raise ConfigError(f"unknown key 'sweep.{sorted(unknown)[0]}' in {params_path}; known: {', '.join(sorted(known))}")
+    return spec
+
+
+def _distributions(space: dict, searchable: set, task: str, arch: str, params_path) -> dict:
+    import optuna
+    dists = {}
+    for name, rng in space.items():
+        section, _, key = name.partition(".")
+        if name not in searchable:
+            raise ConfigError(f"sweep.space: {name!r} is not searchable; searchable params: {', '.join(sorted(searchable))} "
+                              "(mark more under sweep.searchable)")
+        try:
+            fields = {f.name for f in __import__("dataclasses").fields(section_class(section, task, arch))}
+        except (KeyError, TypeError):
+            fields = set()
+        if key not in fields:
+            raise ConfigError(f"sweep.space: unknown param {name!r} in {params_path}")
+        if isinstance(rng, list):
+            if not rng:
+                raise ConfigError(f"sweep.space.{name}: empty list of choices")
+            dists[name] = optuna.distributions.CategoricalDistribution(
+                [json.dumps(v) if isinstance(v, list) else v for v in rng])
+        elif isinstance(rng, dict) and {"low", "high"} <= set(rng):
+            lo, hi = rng["low"], rng["high"]
+            if lo > hi:
+                raise ConfigError(f"sweep.space.{name}: low ({lo}) is larger than high ({hi})")
+            if isinstance(lo, int) and isinstance(hi, int):
+                dists[name] = optuna.distributions.IntDistribution(lo, hi)
+            else:
+                dists[name] = optuna.distributions.FloatDistribution(float(lo), float(hi), log=bool(rng.get("log")))
+        else:
+            raise ConfigError(f"sweep.space.{name}: give a list of choices or {{low: …, high: …}}")
+    return dists
+
+
+def _overrides(params: dict) -> list[str]:
+    out = []
+    for k, v in params.items():
+        if isinstance(v, str) and v.startswith("["):
+            v = json.loads(v)
+        out.append(f"{k}={json.dumps(v) if isinstance(v, list) else v}")
+    return out
+
+
+def _key(params: dict) -> str:
+    return hashlib.sha1(json.dumps(params, sort_keys=True).encode()).hexdigest()[:10]
+
+
+def run_sweep(params_path: str | Path, study_name: str | None = None, trials: int | None = None,
+              resume: bool = False, log=print) -> Path:
+    import optuna
+    from optuna.trial import TrialState
+
+    from bench.tasks import task_class
+    from bench.train import train
+
+    raw = read_params(params_path)
+    spec = _spec(raw, params_path)
+    arm = spec.get("arm") or next(iter(raw.get("arms") or {}), None)
+    base = load_config(params_path, arm, _overrides(spec.get("overrides") or {}))
+    suite = base.suite
+    n_trials = int(trials or spec.get("trials", 8))
+    seeds = [int(s) for s in spec.get("seeds", [base.train.seed])]
+    task_cls = task_class(base.task)
+    objectives = list(spec.get("objectives") or [task_cls.metric])
+    for o in objectives:
+        if o not in (task_cls.metric, MEMORY_OBJECTIVE):
+            raise ConfigError(f"sweep.objectives: unknown objective {o!r}; use {task_cls.metric} and/or {MEMORY_OBJECTIVE}")
+    directions = ["maximize" if (o == task_cls.metric and task_cls.higher_is_better) else "minimize" for o in objectives]
+    searchable = set(SEARCHABLE) | set(spec.get("searchable") or [])
+    dists = _distributions(spec["space"], searchable, base.task, base.model["arch"], params_path)
+    study_name = study_name or suite
+    fingerprint = json.dumps({"space": spec["space"], "objectives": objectives, "arm": arm,
+                              "overrides": spec.get("overrides") or {}, "seeds": seeds}, sort_keys=True)
+
+    root = Path("runs") / suite / "sweep"
+    root.mkdir(parents=True, exist_ok=True)
+    storage = f"sqlite:///{root / 'optuna.db'}"
+    existing = {s.study_name: s for s in optuna.get_all_study_summaries(storage)}
+    if study_name in existing:
+        study = optuna.load_study(study_name=study_name, storage=storage)
+        if study.user_attrs.get("fingerprint") != fingerprint:
+            n = 2
+            while f"{study_name}-{n}" in existing:
+                n += 1
+            raise ConfigError(f"study {study_name!r} in {root / 'optuna.db'} was made with a different search space, "
+                              f"objectives or trial settings; refusing to mix them. Restore them, or start a new "
+                              f"study with --study {study_name}-{n}")
+        if not resume:
+            raise ConfigError(f"study {study_name!r} already exists in {root / 'optuna.db'}; continue it with --resume "
+                              f"or name a new one with --study")
+    else:
+        sampler = optuna.samplers.TPESampler(seed=seeds[0], multivariate=True) if spec.get("sampler", "tpe") == "tpe" \
+            else optuna.samplers.RandomSampler(seed=seeds[0])
+        pruner = optuna.pruners.MedianPruner(n_startup_trials=2, n_warmup_steps=0) \
+            if spec.get("pruning", True) and len(objectives) == 1 else optuna.pruners.NopPruner()
+        study = optuna.create_study(study_name=study_name, storage=storage, directions=directions,
+                                    sampler=sampler, pruner=pruner)
+        study.set_user_attr("fingerprint", fingerprint)
+
+    # a trial that was running when the sweep was killed: mark it failed and retry its params
+    for t in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)):
+        study._storage.set_trial_state_values(t._trial_id, TrialState.FAIL)
+        study.enqueue_trial(t.params, user_attrs={"retry_of": t.number})
+        log(f"sweep {study_name}: trial {t.number} was interrupted; retrying its params")
+
+    parent = None
+    if track.enabled():
+        mlflow = track._mlflow()
+        mlflow.set_experiment(suite)
+        found = mlflow.search_runs(filter_string=f"tags.`bench.sweep` = '{study_name}'", output_format="list", max_results=1)
+        parent = found[0].info.run_id if found else mlflow.MlflowClient().create_run(
+            mlflow.get_experiment_by_name(suite).experiment_id,
+            tags={"bench.sweep": study_name, "mlflow.runName": f"sweep {study_name}"}).info.run_id
+
+    def done() -> list:
+        return [t for t in study.get_trials(deepcopy=False) if t.state in (TrialState.COMPLETE, TrialState.PRUNED)]
+
+    attempts = 0
+    while len(done()) < n_trials and attempts < 10 * n_trials:
+        attempts += 1
+        trial = study.ask(dists)
+        params = {k: trial.params[k] for k in dists}
+        if any(t.params == params for t in done()):
+            study._storage.set_trial_user_attr(trial._trial_id, "discarded", "duplicate of a finished trial")
+            study.tell(trial, state=TrialState.FAIL)
+            log(f"sweep {study_name}: trial {trial.number} discarded (same params as a finished trial)")
+            continue
+        try:
+            cfgs = [load_config(params_path, arm, _overrides(spec.get("overrides") or {}) + _overrides(params)
+                                + [f"train.seed={s}"]) for s in seeds]
+        except ConfigError as e:  # e.g. a layer distribution that does not fit the sampled B
+            study._storage.set_trial_user_attr(trial._trial_id, "invalid", str(e))
+            study.tell(trial, state=TrialState.FAIL)
+            log(f"sweep {study_name}: trial {trial.number} skipped: {e}")
+            continue
+        log(f"sweep {study_name}: trial {trial.number} {params}")
+        values, key = [], _key(params)
+        try:
+            for s, cfg in zip(seeds, cfgs):
+                cfg.arm = f"trial-{key}-seed{s}"
+                cfg.out_dir = str(root / study_name / cfg.arm)
+
+                def report(step, metrics, seed_index=seeds.index(s)):
+                    if len(objectives) == 1 and seed_index == 0:
+                        trial.report(float(metrics[task_cls.metric]), step)
+                        if trial.should_prune():
+                            raise optuna.TrialPruned(f"pruned at step {step}")
+
+                summary = train(cfg, resume="auto", progress=False, log=log, on_eval=report, parent_run_id=parent)
+                values.append([float(summary[o]) for o in objectives])
+        except optuna.TrialPruned:
+            study.tell(trial, state=TrialState.PRUNED)
+            log(f"sweep {study_name}: trial {trial.number} pruned")
+            continue
+        study.tell(trial, [statistics.mean(v[i] for v in values) for i in range(len(objectives))])
+    if len(done()) < n_trials:
+        log(f"sweep {study_name}: only {len(done())} distinct trials after {attempts} proposals "
+            f"(the search space may hold fewer distinct configurations)")
+    return write_outputs(study, suite, objectives, directions, raw, params_path)
+
+
+def write_outputs(study, suite: str, objectives: list[str], directions: list[str], raw: dict, params_path) -> Path:
+    import optuna
+    from optuna.trial import TrialState
+    out = Path(raw.get("results_dir") or "results") / suite
+    rows = []
+    for t in study.get_trials(deepcopy=False):
+        note = t.user_attrs.get("discarded") or t.user_attrs.get("invalid") or (
+            f"retry of trial {t.user_attrs['retry_of']}" if "retry_of" in t.user_attrs else "")
+        row = {"trial": t.number, "state": t.state.name, "note": note,
+               **{f"param.{k}": v for k, v in t.params.items()}}
+        for i, o in enumerate(objectives):
+            row[o] = t.values[i] if t.values else float("nan")
+        row["duration_s"] = t.duration.total_seconds() if t.duration else float("nan")
+        rows.append(row)
+    df = pd.DataFrame(rows)
+    atomic.write_csv(out / "sweep.csv", df)
+    complete = [t for t in study.get_trials(deepcopy=False) if t.state == TrialState.COMPLETE]
+    if not complete:
+        return out / "sweep.csv"
+    best = (study.best_trials if len(objectives) > 1 else [study.best_trial])
+    sign = 1 if directions[0] == "maximize" else -1
+    best = max(best, key=lambda t: sign * t.values[0])
+    nested: dict = {}
+    for k, v in best.params.items():
+        section, _, key = k.partition(".")
+        nested.setdefault(section, {})[key] = json.loads(v) if isinstance(v, str) and v.startswith("[") else v
+    dvc_cmd = " ".join(f"-S '{params_path}:{k}={json.loads(v) if isinstance(v, str) and v.startswith('[') else v}'"
+                       for k, v in best.params.items())
+    header = (f"# best trial {best.number} of study {study.study_name}: "
+              + ", ".join(f"{o}={v:.4g}" for o, v in zip(objectives, best.values))
+              + f"\n# apply with: dvc exp run {dvc_cmd} {Path(params_path).parent / 'dvc.yaml'}\n")
+    atomic.write_text(out / "best_params.yaml", header + yaml.safe_dump(nested, sort_keys=True))
+    _plot_front(study, complete, objectives, directions, out / "sweep_front.png")
+    _plot_importance(study, objectives, out / "sweep_importance.png")
+    return out / "sweep.csv"
+
+
+def _plot_front(study, complete, objectives, directions, path: Path) -> None:
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    fig, ax = plt.subplots(figsize=(6, 4.2))
+    if len(objectives) > 1:
+        front = {t.number for t in study.best_trials}
+        x = [t.values[1] / 2**20 for t in complete]
+        y = [t.values[0] for t in complete]
+        ax.scatter(x, y, c=["C3" if t.number in front else "C0" for t in complete])
+        for t in complete:
+            ax.annotate(str(t.number), (t.values[1] / 2**20, t.values[0]), fontsize=7)
+        pts = sorted((t.values[1] / 2**20, t.values[0]) for t in complete if t.number in front)
+        ax.plot([p[0] for p in pts], [p[1] for p in pts], "C3--", label="Pareto front")
+        ax.set_xlabel("measured peak memory of a training step (MiB)")
+        ax.set_ylabel(objectives[0])
+        ax.legend(fontsize=8)
+        ax.set_title(f"{study.study_name}: {objectives[0]} vs memory ({directions[0]} / minimize)", fontsize=9)
+    else:
+        xs = [t.number for t in complete]
+        ys = [t.values[0] for t in complete]
+        best, running = [], None
+        for y in ys:
+            running = y if running is None else (max(running, y) if directions[0] == "maximize" else min(running, y))
+            best.append(running)
+        ax.plot(xs, ys, "o", label="trial")
+        ax.step(xs, best, where="post", label="best so far")
+        ax.set_xlabel("trial")
+        ax.set_ylabel(objectives[0])
+        ax.legend(fontsize=8)
+        ax.set_title(f"{study.study_name}: optimisation history", fontsize=9)
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp.png")
+    fig.savefig(tmp, dpi=120)
+    plt.close(fig)
+    tmp.replace(path)
+
+
+def _plot_importance(study, objectives, path: Path) -> None:
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    import optuna
+    fig, ax = plt.subplots(figsize=(6, 3.5))
+    try:
+        imp = optuna.importance.get_param_importances(
+            study, target=(lambda t: t.values[0]) if len(objectives) > 1 else None)
+        names, vals = list(imp)[::-1], list(imp.values())[::-1]
+        ax.barh(names, vals)
+        ax.set_xlabel(f"importance for {objectives[0]} (fANOVA)")
+    except (RuntimeError, ValueError, ZeroDivisionError) as e:  # too few or too uniform trials
+        ax.text(0.5, 0.5, f"importance not computable yet:\n{e}", ha="center", va="center", fontsize=8, wrap=True)
+        ax.set_axis_off()
+    ax.set_title(f"{study.study_name}: parameter importance", fontsize=9)
+    fig.tight_layout()
+    tmp = path.with_name(f".{path.name}.tmp.png")
+    fig.savefig(tmp, dpi=120)
+    plt.close(fig)
+    tmp.replace(path)
