@@ -9,6 +9,8 @@
   bench compare suites/vit_fashion/params.yaml                results/<suite>/comparison.{csv,md,png}
   bench memory  suites/vit_cifar100/params.yaml --budget 2GiB results/memory/: peak memory and speed per arm
   bench sweep   suites/vit_fashion/params.yaml [--resume]    Optuna study: B, partition, γ, noise, weighting
+  bench report                                                results/README.md: our numbers beside the paper's
+  bench check [--update]                                      regression check of every suite's CI config
   bench run     suites/vit_fashion/params.yaml                all of the above, without DVC
 """
 
@@ -138,6 +140,21 @@ def cmd_sweep(a) -> None:
     print(f"wrote {run_sweep(a.params, a.study, a.trials, a.resume)}")
 
 
+def cmd_check(a) -> None:
+    from bench.check import run_checks, suites_with_checks
+    paths = [Path(p) for p in a.params] or suites_with_checks()
+    if not paths:
+        raise ConfigError("no suite has a `check:` section")
+    code = run_checks(paths, update=a.update)
+    if code:
+        sys.exit(code)
+
+
+def cmd_report(a) -> None:
+    from bench.report import write_results_readme
+    print(f"wrote {write_results_readme(a.out)}")
+
+
 def cmd_run(a) -> None:
     from bench.evaluate import evaluate_arm
     from bench.report import compare
@@ -221,6 +238,15 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("--trials", type=int, default=None, help="completed trials wanted (default: sweep.trials)")
     q.add_argument("--resume", action="store_true", help="continue a study that exists (e.g. after a kill)")
     q.set_defaults(func=cmd_sweep)
+
+    q = sub.add_parser("check", help="regression check: small CI configs against results/baselines/")
+    q.add_argument("params", nargs="*", help="suites' params.yaml (default: every suite with a `check:` section)")
+    q.add_argument("--update", action="store_true", help="write the baselines instead of comparing (never in CI)")
+    q.set_defaults(func=cmd_check)
+
+    q = sub.add_parser("report", help="results/README.md: every suite side by side with the paper")
+    q.add_argument("--out", default="results/README.md")
+    q.set_defaults(func=cmd_report)
 
     q = suite_cmd("run", cmd_run, "prepare, train (resuming), evaluate every arm, compare", arm=False)
     q.add_argument("--no-progress", action="store_true")

@@ -132,3 +132,78 @@ def compare(params_path: str | Path, results_dir: str | Path | None = None, note
     atomic.write_json(out / "metrics.json", {"metric": metric, **metrics})
     track.log_suite_artifacts(suite, params_path, [md_path, out / "comparison.csv", curve_png], metrics)
     return md_path
+
+
+def _paper_rows(paper: dict) -> pd.DataFrame:
+    ref = pd.read_csv("results/paper_reference.csv")
+    rows = ref[ref["table_id"] == paper.get("table")]
+    if paper.get("metric"):
+        rows = rows[rows["metric"] == paper["metric"]]
+    if paper.get("setting"):
+        rows = rows[rows["setting"] == paper["setting"]]
+    return rows
+
+
+def _memory_line(suite: str, B: int) -> str:
+    path = Path("results/memory") / f"{suite}.csv"
+    if not path.exists():
+        return "not measured yet (`dvc repro` the suite's `memory` stage)."
+    m = pd.read_csv(path)
+    parts = []
+    for mode in ("dblocks", "dblocks+ckpt"):
+        for residency in ("offload", "resident"):
+            r = m[(m["mode"] == mode) & (m["residency"] == residency) & (m["B"] == B)]
+            if len(r):
+                r = r[r["batch_size"] == r["batch_size"].max()].iloc[0]
+                parts.append(f"{mode} {residency} {r['mem_ratio']:.2f}×")
+    return (f"measured peak-memory ratio e2e / DiffusionBlocks at B = {B} (batch {int(m['batch_size'].max())}): "
+            + ", ".join(parts) + f" — the paper claims {B}×. Details: [memory/{suite}.md](memory/{suite}.md).")
+
+
+def write_results_readme(out: str | Path = "results/README.md", suites_root: str | Path = "suites") -> Path:
+    """results/README.md: one section per suite with our figures beside the paper's."""
+    lines = ["# Results\n",
+             f"Written by `{_command()}` on {dt.date.today().isoformat()} from the files in this directory, "
+             f"code {track.git_sha()[:12]}. Every table and plot below was produced by the harness; the paper's "
+             "numbers come from [paper_reference.csv](paper_reference.csv) (typed in once from the paper, with "
+             "its table ids).\n",
+             "**Read the last column first.** A CPU-scale suite runs a substitute — other data, a smaller model, a "
+             "shorter budget — and its numbers are not comparable with the paper's; they show whether the two arms "
+             "behave alike under the same budget, not whether the paper's figures reproduce.\n",
+             "Compare arms interactively: `mlflow ui --backend-store-uri sqlite:///mlflow.db`, open the suite's "
+             "experiment, expand its parent run, tick the child runs (one per arm) and press *Compare*.\n"]
+    for params in sorted(Path(suites_root).glob("*/params.yaml")):
+        raw = read_params(params)
+        suite = str(raw.get("suite") or params.parent.name)
+        paper = raw.get("paper") or {}
+        comparison = Path("results") / suite / "comparison.csv"
+        lines.append(f"## {suite}\n")
+        if paper.get("substitute"):
+            lines.append(f"*CPU-scale substitute:* {paper['substitute']}\n")
+        elif paper:
+            lines.append("*The paper's setting.*\n")
+        ref = _paper_rows(paper) if paper else pd.DataFrame()
+        if len(ref):
+            lines.append("Paper (" + ", ".join(f"Table {t}" for t in ref["table_id"].unique()) + "): "
+                         + "; ".join(f"{r.setting}, {r.metric}: end-to-end {r.e2e:g}, DiffusionBlocks {r.db:g} "
+                                     f"(B = {r.B:g})" for r in ref.itertuples()) + ".\n")
+        if not comparison.exists():
+            lines.append(f"Not run here. `dvc repro suites/{suite}/dvc.yaml` produces it where its data and "
+                         "hardware exist (see the suite's params.yaml).\n")
+            continue
+        table = pd.read_csv(comparison)
+        metric = json.loads((comparison.parent / "metrics.json").read_text())["metric"]
+        keep = [c for c in ["arm", "mode", "B", metric, "gap_to_e2e_pts", "gap_to_e2e", "optimizer_steps",
+                            "layer_evals", "peak_mem_MiB"] if c in table.columns]
+        show = table[keep].copy()
+        if len(ref):
+            show["paper_e2e"] = ref.iloc[0]["e2e"]
+            show["paper_db"] = ref.iloc[0]["db"]
+        show["ours_is"] = "substitute" if paper.get("substitute") else "paper setting"
+        lines += [_markdown_table(show), ""]
+        B = int(read_params(params).get("diffusion", {}).get("num_blocks", 3))
+        lines.append("Memory: " + _memory_line(suite, B) + "\n")
+        for png in sorted((Path("results") / suite).glob("*.png")):
+            lines.append(f"![{suite} {png.stem}]({suite}/{png.name})\n")
+        lines.append(f"Full table: [{suite}/comparison.md]({suite}/comparison.md)\n")
+    return atomic.write_text(out, "\n".join(lines))
