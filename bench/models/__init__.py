@@ -5,3 +5,5 @@ from bench.models.dit import DiT, DiTConfig
 from bench.models.vit import ViT, ViTConfig
 
 ARCHS = {"vit": (ViTConfig, ViT), "mdm": (MDMConfig, MDM), "dit": (DiTConfig, DiT)}
+from bench.models.llama import Llama, LlamaConfig  # noqa: E402  (autoregressive LM)
+ARCHS["llama"] = (LlamaConfig, Llama)

@@ -6,6 +6,7 @@ TASKS = {
     "classification": "bench.tasks.classification:ClassificationTask",
     "masked_lm": "bench.tasks.masked_lm:MaskedLMTask",
     "generation": "bench.tasks.generation:GenerationTask",
+    "autoregressive": "bench.tasks.autoregressive:AutoregressiveTask",
 }
 
 

@@ -1,0 +1,234 @@
+"""Language-model metrics: perplexity, BPC, generative perplexity under a reference LM, MAUVE.
+
+Definitions (also in the README and in each suite's comparison.md):
+
+  perplexity      exp(mean over predicted tokens of −ln q(x_i | x_<i)), nats → ppl.  For an ordinary
+                  (end-to-end) LM, q is its own softmax and this is the exact test perplexity.
+  BPC             the same mean in bits, divided by the characters per token of the split
+                  (bits per character; equal to bits per token for a character-level tokenizer).
+  generative ppl  exp(mean −ln p_ref(c_j | prompt, c_<j)) over the tokens c_j of sampled
+                  continuations, under a *reference* LM p_ref (a longer-trained end-to-end model of
+                  the same data, or a local Hugging Face causal LM), in the reference's tokens.
+                  Low is not always good: repetitive text scores low; read it next to MAUVE and
+                  the reference's perplexity of the real continuations (`gen_ppl@data`).
+  MAUVE           `mauve.compute_mauve` (the mauve-text package) between the reference LM's features
+                  of the real continuations (P) and of the sampled ones (Q), each text being
+                  prompt + continuation; a feature is the final hidden state averaged over the
+                  continuation's positions (`mean`) or taken at its last token (`last`, MAUVE's own
+                  convention with GPT-2).  k-means with k = max(2, round(min(n_P, n_Q)/10)) buckets
+                  unless given; at least 10 texts per bucket per side are required.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from bench.config import ConfigError
+
+MAUVE_PER_BUCKET = 10     # texts per k-means bucket per side, MAUVE's own heuristic (k = n/10)
+
+
+# ---- perplexity ----------------------------------------------------------------------------------
+def perplexity(nll_sum: float, n_tokens: int) -> float:
+    """exp(Σ −ln q / n)."""
+    return math.exp(nll_sum / n_tokens)
+
+
+def bits_per_char(nll_sum: float, n_tokens: int, chars_per_token: float) -> float:
+    """Σ −ln q / n in bits per token, over the characters per token."""
+    return nll_sum / n_tokens / math.log(2) / chars_per_token
+
+
+def token_nll(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    """−ln softmax(logits)[target] per position, float32 softmax."""
+    return F.cross_entropy(logits.float().transpose(1, 2), targets, reduction="none")
+
+
+def mixture_nll(prob_draws: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    """−ln of the noise-averaged predictive probability: prob_draws (K, N, T, V) → (N, T).
+    (1/K)Σ_k softmax_k is a proper distribution, so its perplexity is well defined; it is the
+    perplexity of that average, not of the distribution a greedy sampler draws from."""
+    p = prob_draws.mean(0).gather(-1, targets.unsqueeze(-1)).squeeze(-1)
+    return -p.clamp_min(1e-30).log()
+
+
+def distinct_ngrams(sequences: list[list[int]], n: int = 4) -> float:
+    """Unique n-grams / all n-grams over the continuations (1.0: nothing repeats)."""
+    grams = [tuple(s[i:i + n]) for s in sequences for i in range(len(s) - n + 1)]
+    return len(set(grams)) / max(1, len(grams))
+
+
+# ---- MAUVE ---------------------------------------------------------------------------------------------
+def mauve_buckets(n_p: int, n_q: int, buckets: int = 0) -> int:
+    return buckets or max(2, round(min(n_p, n_q) / MAUVE_PER_BUCKET))
+
+
+def check_mauve_counts(n_p: int, n_q: int, buckets: int = 0) -> None:
+    """One-line ConfigError when there are too few texts for MAUVE's clustering."""
+    k = mauve_buckets(n_p, n_q, buckets)
+    need = MAUVE_PER_BUCKET * k
+    if min(n_p, n_q) < need:
+        raise ConfigError(f"MAUVE with {k} k-means buckets needs at least {need} texts per side "
+                          f"({MAUVE_PER_BUCKET} per bucket), got {n_p} real and {n_q} generated; raise "
+                          f"eval.prompts / eval.continuations, lower eval.mauve_buckets, or set eval.mauve: false")
+
+
+def mauve_score(p_features: np.ndarray, q_features: np.ndarray, scaling: float = 5.0, buckets: int = 0,
+                seed: int = 25) -> dict:
+    """MAUVE (mauve-text) between feature sets P (real) and Q (generated); counts recorded."""
+    check_mauve_counts(len(p_features), len(q_features), buckets)
+    try:
+        import mauve
+    except ImportError:
+        raise ConfigError("MAUVE needs the mauve-text package: pip install mauve-text") from None
+    k = mauve_buckets(len(p_features), len(q_features), buckets)
+    out = mauve.compute_mauve(p_features=np.asarray(p_features, dtype=np.float32),
+                              q_features=np.asarray(q_features, dtype=np.float32), num_buckets=k,
+                              mauve_scaling_factor=scaling, seed=seed, verbose=False)
+    return {"mauve": float(out.mauve), "mauve_buckets": int(k), "mauve_n_real": len(p_features),
+            "mauve_n_gen": len(q_features)}
+
+
+# ---- reference language models ------------------------------------------------------------------------
+class ReferenceLM:
+    """A fixed causal LM that scores continuations and gives MAUVE features.
+
+    Both methods take the prompts and continuations as token ids of the *data's* tokenizer; a
+    reference with another tokenizer decodes them to text and re-tokenises."""
+
+    name = "reference"
+    tokens = "tokens"       # what the per-token figures count
+
+    def score(self, prompts: list[list[int]], conts: list[list[int]]) -> tuple[np.ndarray, np.ndarray]:
+        """Σ −ln p_ref(continuation token | prompt, earlier continuation) and the token count, per text."""
+        raise NotImplementedError
+
+    def features(self, prompts: list[list[int]], conts: list[list[int]], pooling: str = "mean") -> np.ndarray:
+        raise NotImplementedError
+
+
+class BenchReferenceLM(ReferenceLM):
+    """The final weights of an end-to-end `autoregressive` run of this harness (same tokenizer)."""
+
+    def __init__(self, path: str | Path, device: torch.device, batch_size: int = 64):
+        from bench.models.llama import Llama, LlamaConfig
+        ckpt = torch.load(path, map_location="cpu", weights_only=False)
+        m = dict(ckpt["config"]["model"])
+        m.pop("arch")
+        m["vocab_size"] = ckpt["model"]["tok_embed.weight"].shape[0]   # 0 in the params: from the data
+        self.model = Llama(LlamaConfig(**m), conditioned=False)
+        self.model.load_state_dict(ckpt["model"])
+        self.model.to(device).eval()
+        self.device, self.batch_size = device, batch_size
+        self.name = f"{Path(path)} (e2e llama, {sum(p.numel() for p in self.model.parameters()) / 1e6:.2f}M params)"
+        self.context = self.model.cfg.seq_len
+
+    def _batches(self, prompts, conts):
+        for s in range(0, len(prompts), self.batch_size):
+            P, C = prompts[s:s + self.batch_size], conts[s:s + self.batch_size]
+            seqs = [list(p) + list(c) for p, c in zip(P, C)]
+            L = max(map(len, seqs))
+            x = torch.zeros(len(seqs), L, dtype=torch.long)
+            for i, q in enumerate(seqs):
+                x[i, :len(q)] = torch.tensor(q)   # right padding: causal, so it never affects earlier positions
+            yield P, C, x.to(self.device)
+
+    @torch.no_grad()
+    def score(self, prompts, conts):
+        nll, count = [], []
+        for P, C, x in self._batches(prompts, conts):
+            per = token_nll(self.model(x[:, :-1]), x[:, 1:]).cpu()
+            for i, (p, c) in enumerate(zip(P, C)):
+                nll.append(float(per[i, len(p) - 1:len(p) - 1 + len(c)].double().sum()))
+                count.append(len(c))
+        return np.array(nll), np.array(count)
+
+    @torch.no_grad()
+    def features(self, prompts, conts, pooling="mean"):
+        out = []
+        for P, C, x in self._batches(prompts, conts):
+            h = self.model.hidden_states(x).float().cpu()
+            for i, (p, c) in enumerate(zip(P, C)):
+                span = h[i, len(p):len(p) + len(c)]
+                out.append((span.mean(0) if pooling == "mean" else span[-1]).numpy())
+        return np.stack(out)
+
+
+class HFReferenceLM(ReferenceLM):
+    """A local Hugging Face causal LM directory (config.json + weights + tokenizer), loaded offline."""
+
+    tokens = "reference-tokenizer tokens"
+
+    def __init__(self, path: str | Path, decode, device: torch.device, batch_size: int = 8):
+        transformers = _transformers()
+        self.tok = transformers.AutoTokenizer.from_pretrained(str(path), local_files_only=True)
+        self.model = transformers.AutoModelForCausalLM.from_pretrained(str(path), local_files_only=True)
+        self.model.to(device).eval()
+        self.decode, self.device, self.batch_size = decode, device, batch_size
+        self.name = f"{path} (Hugging Face {type(self.model).__name__})"
+
+    def _ids(self, prompt, cont) -> tuple[list[int], list[int]]:
+        p = self.tok.encode(self.decode(prompt), add_special_tokens=False)
+        c = self.tok.encode(self.decode(cont), add_special_tokens=False)
+        bos = [self.tok.bos_token_id] if self.tok.bos_token_id is not None else []
+        return bos + p, c
+
+    @torch.no_grad()
+    def _run(self, ids: list[int]):
+        x = torch.tensor([ids], device=self.device)
+        return self.model(x, output_hidden_states=True)
+
+    def score(self, prompts, conts):
+        nll, count = [], []
+        for p, c in zip(prompts, conts):
+            pi, ci = self._ids(p, c)
+            out = self._run(pi + ci)
+            per = token_nll(out.logits[:, :-1], torch.tensor([pi + ci], device=self.device)[:, 1:])[0]
+            nll.append(float(per[len(pi) - 1:].double().sum()))
+            count.append(len(ci))
+        return np.array(nll), np.array(count)
+
+    def features(self, prompts, conts, pooling="mean"):
+        out = []
+        for p, c in zip(prompts, conts):
+            pi, ci = self._ids(p, c)
+            h = self._run(pi + ci).hidden_states[-1][0, len(pi):].float().cpu()
+            out.append((h.mean(0) if pooling == "mean" else h[-1]).numpy())
+        return np.stack(out)
+
+
+def _transformers():
+    try:
+        import transformers
+    except ImportError:
+        raise ConfigError("a Hugging Face reference model needs the transformers package: "
+                          "pip install 'bench[hf]' (or pip install transformers)") from None
+    return transformers
+
+
+def check_hf_causal_lm(path: str | Path) -> None:
+    """One-line ConfigError unless `path` is a local Hugging Face causal-LM directory."""
+    path = Path(path)
+    cfg_file = path / "config.json"
+    if not cfg_file.is_file():
+        raise ConfigError(f"eval.reference {path}: no Hugging Face model there (no config.json); give a local "
+                          f"causal-LM directory or a bench final.pt")
+    try:
+        archs = json.loads(cfg_file.read_text()).get("architectures") or []
+    except json.JSONDecodeError as e:
+        raise ConfigError(f"eval.reference {path}: config.json is not valid JSON ({e})") from None
+    transformers = _transformers()
+    config = transformers.AutoConfig.from_pretrained(str(path), local_files_only=True)
+    from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
+    if not (any(a.endswith("ForCausalLM") or a.endswith("LMHeadModel") for a in archs)
+            or (not archs and config.model_type in MODEL_FOR_CAUSAL_LM_MAPPING_NAMES)):
+        raise ConfigError(f"eval.reference {path} is not a causal LM (architectures: {', '.join(archs) or 'none'}, "
+                          f"model_type {config.model_type!r}); give a *ForCausalLM model")
+    if not any(path.glob("*.safetensors")) and not any(path.glob("*.bin")):
+        raise ConfigError(f"eval.reference {path} has a config but no weights (*.safetensors or *.bin)")

@@ -1,0 +1,525 @@
+"""Autoregressive language modelling: an end-to-end next-token LM vs DiffusionBlocks (paper §3.5, App. E.4).
+
+Data: windows w of data.seq_len + 1 tokens; both arms learn to predict w_1 … w_T, each from the
+tokens before it in the window (the same prediction problems, so the arms' numbers line up).
+
+e2e        the plain causal Llama (sigma None): mean next-token cross-entropy.
+dblocks    the paper's formulation.  The target of position p is y_p = normalise(E[w_p]), the L2-
+           normalised token embedding; z_p = y_p + σ·ε.  The model reads [clean w_0 … w_{T−1};
+           c_in·z_1 … c_in·z_T] (length 2T) under the Block-Diffusion mask (clean tokens causal
+           among themselves; noisy token p sees the clean tokens < p and itself), runs one block's
+           layers, and D_p = c_skip·z_p + c_out·F_p; the loss is the λ(σ)-weighted cross-entropy of
+           head(D_p) to the token w_p (diffusion.weighting; `lambda` = per token λ(σ), Eq. 6).
+           σ per sequence (model.sigma_per: sequence, default: the trainer's one draw per sample
+           conditions every token of the sequence, as the ViT code draws one σ per sample) or per
+           token (model.sigma_per: token: each noisy token draws its own σ from the block's range;
+           clean tokens are conditioned on σ_min, "noise-free").  The paper does not say which.
+
+Inference (dblocks): for the token at position p, z = σ_max·ε and the chain of `sample_chain` on
+the equal-probability σ grid of diffusion.inference_steps points (0 → B: one call per block), each
+step by the block that owns σ, with D̂ = softmax(logits) @ Ê (Ê: the normalised embedding table);
+the logits of the final call (at σ_min) predict the token: greedy (argmax, the paper's decoding) or
+sampled (eval.db_decoding).  e2e samples with top-p (eval.top_p, 0.95 as in the paper).
+
+Metrics (definitions in bench/metrics/text.py and the README):
+  test_ppl / test_bpc        e2e: exact test perplexity / bits per character.
+  denoise_ppl / denoise_bpc  dblocks: "denoising perplexity", teacher-forced: every test token is
+                             predicted by the chained inference above from the true preceding tokens,
+                             and its probability is the average of softmax(final logits) over
+                             eval.noise_draws fixed noise draws.  NOT a likelihood bound: it is the
+                             perplexity of that noise-averaged distribution, not of the sampler.
+  gen_ppl                    perplexity of sampled continuations under the reference LM (eval.reference).
+  mauve                      MAUVE (mauve-text) of sampled vs real continuations on the reference's features.
+Compute: layer evaluations per training step (the trainer's count; the denoiser's layers see 2T
+tokens, so `train_token_layer_evals` is also given) and per generated token.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from bench import atomic, track
+from bench.config import ConfigError, EvalConfig, model_config
+from bench.data.text import (PreparedText, TextDataConfig, TextSpec, check_prepared, num_windows, open_text,
+                             prepared_dir, windows)
+from bench.diffusion import c_noise, denoised, sample_chain, scale_input, sigmas_equiprobable, weighted_loss
+from bench.metrics import text as M
+from bench.tasks.base import Task
+
+SIGMA_PER = ("sequence", "token")
+
+
+@dataclass
+class LMEvalConfig(EvalConfig):
+    batch_size: int = 64
+    reference: str = ""            # final.pt of an e2e autoregressive run, or a local HF causal-LM directory; "": none
+    ppl_sequences: int = 0         # final: test windows for test/denoising perplexity (0: all)
+    curve_ppl_sequences: int = 64  # learning curve: test windows for the same
+    noise_draws: int = 4           # dblocks: noise draws averaged per token in the denoising perplexity
+    prompts: int = 128             # final: prompts (test windows, evenly spaced) for generation
+    continuations: int = 2         # final: continuations sampled per prompt
+    curve_prompts: int = 32        # learning curve: prompts (one continuation each) for gen_ppl
+    prompt_len: int = 32           # tokens of prompt
+    gen_len: int = 64              # tokens generated per continuation
+    top_p: float = 0.95            # e2e decoding: nucleus sampling (1.0: plain sampling)
+    db_decoding: str = "greedy"    # dblocks decoding of the final logits: greedy (paper) | sample (top-p)
+    mauve: bool = True             # final: MAUVE of sampled vs real continuations (needs a reference)
+    mauve_scaling: float = 2.0     # MAUVE's scaling constant c (paper v4: 2; mauve-text's default: 5)
+    mauve_buckets: int = 0         # k-means buckets; 0: max(2, n/10)
+    mauve_features: str = "mean"   # reference hidden state averaged over the continuation (mean) or its last token
+    samples_shown: int = 6         # continuations written to results/<suite>/samples_<arm>.md
+    samples_dir: str = "results"
+
+
+# ---- small pure functions ------------------------------------------------------------------------------------
+def top_p_sample(logits: torch.Tensor, top_p: float, generator: torch.Generator) -> torch.Tensor:
+    """One token per row from the smallest set of tokens whose probability reaches top_p (nucleus
+    sampling); the draw is made on the CPU so it is the same on any device."""
+    probs = logits.float().softmax(-1).cpu()
+    if top_p < 1.0:
+        sorted_p, order = probs.sort(-1, descending=True)
+        keep = sorted_p.cumsum(-1) - sorted_p < top_p            # the first token is always kept
+        sorted_p = sorted_p * keep
+        probs = torch.zeros_like(probs).scatter(-1, order, sorted_p)
+    return torch.multinomial(probs / probs.sum(-1, keepdim=True), 1, generator=generator).squeeze(-1)
+
+
+def evenly_spaced(n_available: int, n: int) -> np.ndarray:
+    """n indices spread evenly over range(n_available) (all of them if n is 0 or too large)."""
+    if n <= 0 or n >= n_available:
+        return np.arange(n_available)
+    return np.unique(np.linspace(0, n_available - 1, n).round().astype(np.int64))
+
+
+def strided_windows(tokens: np.ndarray, length: int, stride: int, indices) -> np.ndarray:
+    """Windows of `length` tokens starting at index·stride: (n, length) int64."""
+    idx = np.asarray(indices, dtype=np.int64)[:, None] * stride + np.arange(length)
+    return np.asarray(tokens[idx], dtype=np.int64)
+
+
+class AutoregressiveTask(Task):
+    name = "autoregressive"
+    metric = "gen_ppl"
+    higher_is_better = False
+    e2e_denoiser = False
+    data_config = TextDataConfig
+    eval_config = LMEvalConfig
+    arch = "llama"
+
+    @classmethod
+    def validate_config(cls, cfg) -> None:
+        if cfg.model.get("arch") != cls.arch:
+            raise ConfigError(f"task {cls.name} needs model.arch {cls.arch}, got {cfg.model.get('arch')!r}")
+        TextSpec.from_data_config(cfg.data).validate()
+        m, e = model_config(cfg.model), cfg.eval
+        if getattr(m, "sigma_per", "sequence") not in SIGMA_PER:
+            raise ConfigError(f"model.sigma_per must be one of {', '.join(SIGMA_PER)}, got {m.sigma_per!r}")
+        if not 1 <= cfg.data.seq_len <= m.seq_len:
+            raise ConfigError(f"data.seq_len {cfg.data.seq_len} must be between 1 and the context model.seq_len {m.seq_len}")
+        if e.prompt_len < 1 or e.gen_len < 1:
+            raise ConfigError(f"eval.prompt_len and eval.gen_len must be >= 1, got {e.prompt_len} and {e.gen_len}")
+        if e.prompt_len >= m.seq_len:
+            raise ConfigError(f"eval.prompt_len {e.prompt_len} must be shorter than the context model.seq_len {m.seq_len}")
+        if e.prompt_len + e.gen_len > m.seq_len:
+            raise ConfigError(f"eval.prompt_len {e.prompt_len} + eval.gen_len {e.gen_len} exceeds the context "
+                              f"model.seq_len {m.seq_len}")
+        if not 0 < e.top_p <= 1:
+            raise ConfigError(f"eval.top_p must be in (0, 1], got {e.top_p}")
+        if e.db_decoding not in ("greedy", "sample"):
+            raise ConfigError(f"eval.db_decoding must be greedy or sample, got {e.db_decoding!r}")
+        if e.mauve_features not in ("mean", "last"):
+            raise ConfigError(f"eval.mauve_features must be mean or last, got {e.mauve_features!r}")
+        for k in ("noise_draws", "prompts", "continuations", "curve_prompts"):
+            if getattr(e, k) < 1:
+                raise ConfigError(f"eval.{k} must be >= 1, got {getattr(e, k)}")
+        if e.reference and e.mauve:
+            M.check_mauve_counts(e.prompts, e.prompts * e.continuations, e.mauve_buckets)
+
+    def __init__(self, cfg):
+        super().__init__(cfg)
+        self.spec = TextSpec.from_data_config(cfg.data)
+        self.seq_len = cfg.data.seq_len
+        e = cfg.eval
+        self.metric = "gen_ppl" if e.reference else ("denoise_ppl" if cfg.is_dblocks else "test_ppl")
+        self._reference = None
+        self._step = -1
+
+    # ---- data and model ---------------------------------------------------------------------------------
+    @property
+    def window(self) -> int:
+        """Tokens per training/test window: seq_len inputs and the token after the last."""
+        return self.seq_len + 1
+
+    def check(self) -> None:
+        data = PreparedText(check_prepared(self.spec, self.cfg.data.root))
+        m, e = model_config(self.cfg.model), self.cfg.eval
+        if m.vocab_size and m.vocab_size != data.vocab_size:
+            raise ConfigError(f"model.vocab_size {m.vocab_size} differs from the prepared data's {data.vocab_size} "
+                              f"({data.dir}); set model.vocab_size: 0 to take it from the data")
+        for split in ("train", "test"):
+            n = data.meta["splits"][split]["tokens"]
+            if num_windows(n, self.window, offset_room=split == "train" and self.cfg.data.random_offset) < 1:
+                raise ConfigError(f"data.seq_len {self.seq_len} is larger than the {split} split of {data.dir.name} "
+                                  f"({n:,} tokens)")
+        n_prompts = num_windows(data.meta["splits"]["test"]["tokens"], e.prompt_len + e.gen_len)
+        if e.reference and n_prompts < e.prompts:
+            raise ConfigError(f"eval.prompts {e.prompts} is more than the {n_prompts} test windows of "
+                              f"{e.prompt_len + e.gen_len} tokens")
+        if self._num_train(data) < self.cfg.train.batch_size:
+            raise ConfigError(f"train.batch_size {self.cfg.train.batch_size} is larger than the "
+                              f"{self._num_train(data)} training windows of {self.window} tokens")
+        if e.reference:
+            self.check_reference(data)
+
+    def check_reference(self, data: PreparedText) -> None:
+        """One line, before compute, if eval.reference is missing, not a causal LM, or another data's model."""
+        path = Path(self.cfg.eval.reference)
+        if not path.exists():
+            raise ConfigError(f"eval.reference {path} not found: train the reference first (the suite's `reference` "
+                              f"stage) or give a local Hugging Face causal-LM directory")
+        if path.is_dir():
+            M.check_hf_causal_lm(path)
+            return
+        try:
+            ref = torch.load(path, map_location="cpu", weights_only=False)["config"]
+        except Exception as e:  # noqa: BLE001 - any unreadable file is the user's input error
+            raise ConfigError(f"eval.reference {path} is not a bench final.pt nor a Hugging Face model directory "
+                              f"({type(e).__name__})") from None
+        if ref.get("task") != "autoregressive" or not str(ref.get("mode", "")).startswith("e2e") \
+                or ref.get("model", {}).get("arch") != "llama":
+            raise ConfigError(f"eval.reference {path} is not a causal LM: it is a {ref.get('task')}/{ref.get('mode')} "
+                              f"run of {ref.get('model', {}).get('arch')}; give an e2e autoregressive llama run")
+        ours, theirs = self.spec.recipe(), TextSpec.from_data_config(TextDataConfig(**ref["data"])).recipe()
+        if ours != theirs or ref["data"]["root"] != self.cfg.data.root:
+            diff = sorted(k for k in ours if ours[k] != theirs.get(k)) or ["data.root"]
+            raise ConfigError(f"eval.reference {path} was trained on other data ({', '.join(diff)} differ); "
+                              f"retrain it on this suite's data section")
+        if ref["model"]["seq_len"] < self.cfg.eval.prompt_len + self.cfg.eval.gen_len:
+            raise ConfigError(f"eval.reference {path} has a context of {ref['model']['seq_len']} tokens, shorter than "
+                              f"prompt + continuation ({self.cfg.eval.prompt_len + self.cfg.eval.gen_len})")
+
+    def _num_train(self, data) -> int:
+        n = num_windows(data.meta["splits"]["train"]["tokens"], self.window, self.cfg.data.random_offset)
+        return min(n, self.cfg.data.train_subset) if self.cfg.data.train_subset else n
+
+    def load(self) -> None:
+        self.data = open_text(self.spec, self.cfg.data.root)
+        self.train_tokens = self.data.tokens("train")
+        self.test_tokens = self.data.tokens("test")
+        self.num_train = self._num_train(self.data)
+        # test windows overlap by one token so that every test token after the first is predicted once
+        n_test = (len(self.test_tokens) - 1) // self.seq_len
+        self.num_test = min(n_test, self.cfg.data.test_subset) if self.cfg.data.test_subset else n_test
+
+    @property
+    def vocab_size(self) -> int:
+        if hasattr(self, "data"):
+            return self.data.vocab_size
+        m = model_config(self.cfg.model)
+        if m.vocab_size:
+            return m.vocab_size
+        meta = prepared_dir(self.spec, self.cfg.data.root) / "meta.json"
+        if not meta.is_file():
+            raise ConfigError(f"model.vocab_size is 0 (from the data) but {meta.parent} is not prepared")
+        return int(json.loads(meta.read_text())["vocab_size"])
+
+    def model_config(self):
+        from bench.models import ARCHS
+        cfg_cls, _ = ARCHS[self.arch]
+        fields = {k: v for k, v in self.cfg.model.items() if k != "arch"}
+        return cfg_cls(**{**fields, "vocab_size": self.vocab_size})
+
+    def build_model(self):
+        from bench.models import ARCHS
+        return ARCHS[self.arch][1](self.model_config(), conditioned=self.conditioned)
+
+    def example_batch(self, batch_size, device):
+        g = torch.Generator().manual_seed(0)
+        return torch.randint(self.vocab_size, (batch_size, self.window), generator=g).to(device)
+
+    def batch(self, indices, seed, device):
+        """Training windows of seq_len + 1 tokens; with data.random_offset all windows of a step shift by
+        one offset in [0, window) drawn from the step's seed."""
+        self._step = seed - self.cfg.train.seed * 7919     # the trainer's step (seed = train.seed·7919 + step)
+        offset = int(np.random.default_rng(seed).integers(self.window)) if self.cfg.data.random_offset else 0
+        return torch.from_numpy(windows(self.train_tokens, self.window, indices.numpy(), offset)).to(device)
+
+    # ---- training ---------------------------------------------------------------------------------------------
+    @property
+    def sigma_per(self) -> str:
+        return getattr(model_config(self.cfg.model), "sigma_per", "sequence")
+
+    def block_of_layers(self, layers: range) -> int:
+        for b in range(self.layout.num_blocks):
+            if self.layout.layers_of(b) == layers:
+                return b
+        raise ValueError(f"layers {layers} are not one block")
+
+    def loss(self, model, batch, *, sigma, layers: range, generator=None) -> tuple[torch.Tensor, dict]:
+        x = batch
+        clean, target = x[:, :-1], x[:, 1:]
+        if sigma is None:                       # e2e: the plain next-token LM
+            ce = M.token_nll(model(clean, layers), target).mean()
+            return ce, {"ce": ce.detach()}
+        N, T = target.shape
+        if self.sigma_per == "token":           # the trainer's σ for the first token, fresh draws (same block) after
+            more = self.partition.sample_training_sigma(self.block_of_layers(layers), N * (T - 1), generator)
+            sigma = torch.cat([sigma[:, None], more.view(N, T - 1)], dim=1)
+        sigma = sigma.to(x.device, torch.float32)
+        y = model.clean_embed(target)
+        eps = torch.randn(y.shape, generator=generator).to(y.device)   # CPU generator: same draws on any device
+        z = y + (sigma[:, None, None] if sigma.dim() == 1 else sigma[..., None]) * eps
+        logits = self.denoise_logits(model, clean, z, torch.arange(1, T + 1), sigma, layers)
+        ce = M.token_nll(logits, target)                                # (N, T)
+        loss = weighted_loss(ce, sigma, self.noise.sigma_data, self.cfg.diffusion.weighting)
+        return loss, {"ce": ce.mean().detach()}
+
+    def denoise_logits(self, model, clean, z, positions, sigma, layers: range) -> torch.Tensor:
+        """head(c_skip·z + c_out·F(c_in·z; clean, c_noise)) at the noisy positions, one block's layers.
+        sigma (N,) per sequence, or (N, n) per noisy token (clean tokens then conditioned on σ_min)."""
+        sd = self.noise.sigma_data
+        if sigma.dim() == 2:
+            clean_c = torch.full((clean.shape[0], clean.shape[1]), self.noise.sigma_min, device=sigma.device)
+            cn = torch.cat([c_noise(clean_c), c_noise(sigma)], dim=1)
+        else:
+            cn = c_noise(sigma)
+        F_out, cond = model.denoiser_output(clean, scale_input(z, sigma, sd), positions, cn, layers)
+        return model.head(denoised(z, F_out, sigma, sd), cond)
+
+    # ---- inference ----------------------------------------------------------------------------------------
+    def inference_sigmas(self) -> torch.Tensor:
+        return sigmas_equiprobable(self.noise, self.cfg.diffusion.inference_steps or self.partition.num_blocks)
+
+    def chain_logits(self, model, clean, positions, generator) -> torch.Tensor:
+        """Logits (N, n, V) of the tokens at `positions` from the chained blocks, given clean tokens."""
+        sigmas = self.inference_sigmas()
+        E = model.target_table()
+        N, n = clean.shape[0], len(positions)
+        dev = clean.device
+
+        def sig(s: float) -> torch.Tensor:
+            return torch.full((N, n) if self.sigma_per == "token" else (N,), s, device=dev)
+
+        def denoise(z, s: float, block: int) -> torch.Tensor:
+            logits = self.denoise_logits(model, clean, z, positions, sig(s), self.layout.layers_of(block))
+            return logits.float().softmax(-1) @ E.float()
+
+        eps = torch.randn((N, n, E.shape[1]), generator=generator).to(dev)
+        z = sample_chain(denoise, self.noise.sigma_max * eps, sigmas, self.partition)
+        last = float(sigmas[-1])
+        return self.denoise_logits(model, clean, z, positions, sig(last), self.layout.layers_of(self.partition.block_of(last)))
+
+    def next_token_logits(self, model, seq, generator) -> torch.Tensor:
+        """Logits (N, V) of the token after `seq` (N, i)."""
+        if not self.cfg.is_dblocks:
+            return model(seq[:, -model.cfg.seq_len:])[:, -1]
+        return self.chain_logits(model, seq, torch.tensor([seq.shape[1]]), generator)[:, 0]
+
+    def decode(self, logits, generator) -> torch.Tensor:
+        e = self.cfg.eval
+        if self.cfg.is_dblocks and e.db_decoding == "greedy":
+            return logits.argmax(-1).cpu()
+        return top_p_sample(logits, e.top_p, generator)
+
+    @torch.no_grad()
+    def generate(self, model, prompts: torch.Tensor, n_new: int, generator) -> torch.Tensor:
+        """Continuations (N, n_new) of the prompts (N, P), one token at a time."""
+        seq = prompts
+        for _ in range(n_new):
+            nxt = self.decode(self.next_token_logits(model, seq, generator), generator)
+            seq = torch.cat([seq, nxt.to(seq.device)[:, None]], dim=1)
+        return seq[:, prompts.shape[1]:]
+
+    def inference_layer_evals_per_token(self) -> int:
+        """Transformer-layer evaluations to produce one token (the prefix is recomputed: no KV cache)."""
+        if not self.cfg.is_dblocks:
+            return self.layout.depth
+        return sum(len(self.layout.layers_of(self.partition.block_of(float(s)))) for s in self.inference_sigmas())
+
+    # ---- perplexities ---------------------------------------------------------------------------------------
+    def test_windows(self, n: int, device) -> torch.Tensor:
+        """n test windows of seq_len + 1 tokens, evenly spread; window k starts at k·seq_len."""
+        ids = evenly_spaced(self.num_test, n)
+        return torch.from_numpy(strided_windows(self.test_tokens, self.window, self.seq_len, ids)).to(device)
+
+    def nll_table(self, model, x: torch.Tensor, draws: int) -> torch.Tensor:
+        """−ln q(w_p | w_<p) for p = 1…T of each window (N, T): exact for e2e; for dblocks the
+        noise-averaged chained inference with `draws` draws seeded by (eval.seed, window batch)."""
+        bs, out = self.cfg.eval.batch_size, []
+        for s in range(0, len(x), bs):
+            xb = x[s:s + bs]
+            if not self.cfg.is_dblocks:
+                out.append(M.token_nll(model(xb[:, :-1]), xb[:, 1:]).cpu())
+                continue
+            g = torch.Generator().manual_seed(self.cfg.eval.seed * 1_000_003 + s)
+            pos = torch.arange(1, xb.shape[1])
+            probs = torch.stack([self.chain_logits(model, xb[:, :-1], pos, g).float().softmax(-1).cpu()
+                                 for _ in range(draws)])
+            out.append(M.mixture_nll(probs, xb[:, 1:].cpu()))
+        return torch.cat(out).double()
+
+    # ---- evaluation --------------------------------------------------------------------------------------------
+    def reference_lm(self, device) -> M.ReferenceLM:
+        if self._reference is None:
+            path = Path(self.cfg.eval.reference)
+            if path.is_dir():
+                self._reference = M.HFReferenceLM(path, self.data.tokenizer.decode, device)
+            else:
+                self._reference = M.BenchReferenceLM(path, device, self.cfg.eval.batch_size)
+        return self._reference
+
+    def prompt_windows(self, n: int) -> tuple[list[list[int]], list[list[int]]]:
+        """Prompts and their real continuations: n test windows of prompt_len + gen_len, evenly spaced."""
+        e = self.cfg.eval
+        L = e.prompt_len + e.gen_len
+        w = strided_windows(self.test_tokens, L, L, evenly_spaced(num_windows(len(self.test_tokens), L), n))
+        return [r[:e.prompt_len].tolist() for r in w], [r[e.prompt_len:].tolist() for r in w]
+
+    def train_compute(self, steps: int) -> dict:
+        """Training compute after `steps` optimizer steps: the trainer's layer count, replayed exactly
+        (dblocks: the same block draws as the trainer's BlockSampler); overridden by the recurrent task."""
+        if self.cfg.is_dblocks:
+            from bench.blocks import BlockSampler
+            if getattr(self, "_replay", None) is None or self._replay[0] > steps:
+                self._replay = [0, 0, BlockSampler(self.layout.num_blocks, self.cfg.train.seed + 1)]
+            done, evals, sampler = self._replay
+            evals += sum(len(self.layout.layers_of(sampler.sample())) for _ in range(steps - done))
+            self._replay = [steps, evals, sampler]
+        else:
+            evals = steps * self.layout.depth
+        per_pass = 2 * self.seq_len if self.cfg.is_dblocks else self.seq_len   # [clean; noisy] vs the sequence
+        return {"train_layer_evals": evals,
+                "train_token_layer_evals": evals * per_pass * self.cfg.train.batch_size}
+
+    def _steps_done(self, final: bool) -> int:
+        if final or self._step < 0:
+            from bench.train import make_budget
+            return make_budget(self.cfg, self.num_train).total_steps
+        return self._step + 1
+
+    @torch.no_grad()
+    def evaluate(self, model, device, final: bool = False) -> dict:
+        was_training = model.training
+        model.eval()
+        e = self.cfg.eval
+        result: dict = {}
+        # perplexity: exact (e2e) or denoising (dblocks)
+        x = self.test_windows(e.ppl_sequences if final else e.curve_ppl_sequences, device)
+        nll = self.nll_table(model, x, e.noise_draws)
+        n_tok, cpt = nll.numel(), self.data.chars_per_token("test")
+        kind = "denoise" if self.cfg.is_dblocks else "test"
+        result[f"{kind}_ppl"] = M.perplexity(float(nll.sum()), n_tok)
+        result[f"{kind}_bpc"] = M.bits_per_char(float(nll.sum()), n_tok, cpt)
+        # generative perplexity under the reference
+        if e.reference:
+            gen = self.generation_metrics(model, device, final)
+            result.update(gen.pop("metrics"))
+        steps = self._steps_done(final)
+        result.update(self.train_compute(steps))
+        if final:
+            tag = f"{e.noise_draws}draws" if self.cfg.is_dblocks else "exact"
+            result.update({f"{kind}_ppl@{tag}": result[f"{kind}_ppl"], f"{kind}_bpc@{tag}": result[f"{kind}_bpc"],
+                           "ppl_tokens": n_tok, "chars_per_token": cpt,
+                           "infer_layer_evals@per_token": self.inference_layer_evals_per_token(),
+                           "train_layer_evals@total": result["train_layer_evals"],
+                           "train_token_layer_evals@total": result["train_token_layer_evals"]})
+            if self.cfg.is_dblocks:
+                result["inference_steps"] = len(self.inference_sigmas())
+            if e.reference:
+                result["samples_file"] = str(self.write_samples(gen))
+            _log_final(self.cfg.suite, self.cfg.arm, result)
+        model.train(was_training)
+        return result
+
+    def generation_metrics(self, model, device, final: bool) -> dict:
+        """Sample continuations of test prompts; gen_ppl (and, final, MAUVE and the real text's gen_ppl)."""
+        e = self.cfg.eval
+        n_prompts, n_cont = (e.prompts, e.continuations) if final else (e.curve_prompts, 1)
+        prompts, real = self.prompt_windows(n_prompts)
+        g = torch.Generator().manual_seed(e.seed)
+        P = torch.tensor(prompts, device=device)
+        conts = []
+        for _ in range(n_cont):
+            for s in range(0, len(P), e.batch_size):
+                conts += self.generate(model, P[s:s + e.batch_size], e.gen_len, g).cpu().tolist()
+        gen_prompts = [p for _ in range(n_cont) for p in prompts]
+        ref = self.reference_lm(device)
+        nll, cnt = ref.score(gen_prompts, conts)
+        metrics = {"gen_ppl": M.perplexity(float(nll.sum()), int(cnt.sum()))}
+        if final:
+            rnll, rcnt = ref.score(prompts, real)
+            metrics.update({"gen_ppl@data": M.perplexity(float(rnll.sum()), int(rcnt.sum())),
+                            "gen_samples": len(conts), "gen_prompts": n_prompts, "gen_len": e.gen_len,
+                            "distinct4@gen": M.distinct_ngrams(conts), "distinct4@data": M.distinct_ngrams(real)})
+            if e.mauve:
+                mv = M.mauve_score(ref.features(prompts, real, e.mauve_features),
+                                   ref.features(gen_prompts, conts, e.mauve_features), e.mauve_scaling,
+                                   e.mauve_buckets, seed=e.seed)
+                metrics.update({"mauve@ref": mv["mauve"], "mauve_buckets": mv["mauve_buckets"],
+                                "mauve_n_real": mv["mauve_n_real"], "mauve_n_gen": mv["mauve_n_gen"]})
+        return {"metrics": metrics, "prompts": gen_prompts, "conts": conts, "real": real * n_cont,
+                "reference": ref.name}
+
+    def decoding_note(self) -> str:
+        e = self.cfg.eval
+        if self.cfg.is_dblocks:
+            dec = "greedy (argmax)" if e.db_decoding == "greedy" else f"top-p {e.top_p}"
+            return (f"{len(self.inference_sigmas())} denoiser calls per token on the equal-probability σ grid "
+                    f"(B = {self.partition.num_blocks}), {dec} decoding of the final logits")
+        return f"top-p {e.top_p} sampling"
+
+    def write_samples(self, gen: dict) -> Path:
+        e, tok = self.cfg.eval, self.data.tokenizer
+        md = [f"# {self.cfg.suite}/{self.cfg.arm}: sampled continuations\n",
+              f"{len(gen['conts'])} continuations of {e.gen_len} {tok.kind} tokens after {e.prompt_len}-token prompts "
+              f"from the test split ({self.decoding_note()}), seed {e.seed}; the first {e.samples_shown} are shown "
+              f"with the real continuation.  Scored by the reference {gen['reference']}.  Written by `bench evaluate`.\n"]
+        for i in range(min(e.samples_shown, len(gen["conts"]))):
+            md += [f"## Sample {i + 1}\n", "Prompt:\n", "```text", tok.decode(gen["prompts"][i]), "```",
+                   "Generated:\n", "```text", tok.decode(gen["conts"][i]), "```",
+                   "Real continuation:\n", "```text", tok.decode(gen["real"][i]), "```\n"]
+        text = "\n".join(md)
+        atomic.write_text(Path(self.cfg.out_dir) / "samples.md", text)
+        return atomic.write_text(Path(e.samples_dir) / self.cfg.suite / f"samples_{self.cfg.arm}.md", text)
+
+
+# ---- MLflow: the final evaluation and the metric definitions on the arm's run ---------------------------------
+def _log_final(suite: str, arm: str, result: dict) -> None:
+    if not track.enabled():
+        return
+    mlflow = track._mlflow()
+    exp = mlflow.get_experiment_by_name(suite)
+    if exp is None:
+        return
+    runs = mlflow.search_runs([exp.experiment_id], filter_string=f"tags.`bench.arm` = '{arm}'",
+                              order_by=["attributes.start_time DESC"], max_results=1, output_format="list")
+    if not runs:
+        return
+    client, rid = mlflow.MlflowClient(), runs[0].info.run_id
+    for k, v in result.items():
+        if isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v):
+            client.log_metric(rid, "final/" + k.replace("@", "_at_"), float(v))
+    client.log_text(rid, METRIC_DEFINITIONS, "metric_definitions.md")
+    if result.get("samples_file") and Path(result["samples_file"]).exists():
+        client.log_artifact(rid, result["samples_file"])
+
+
+METRIC_DEFINITIONS = """\
+| metric | arm | definition |
+|---|---|---|
+| `test_ppl`, `test_bpc` | e2e | exact test perplexity exp(mean −ln p(w_p given w_<p)) of the end-to-end LM over every test token after the first of each window (windows of data.seq_len + 1 tokens overlapping by one), and the same in bits per character |
+| `denoise_ppl`, `denoise_bpc` | dblocks | **denoising perplexity, not a likelihood bound**: each test token is predicted teacher-forced (true preceding tokens as clean context) by the chained DiffusionBlocks inference (z = σ_max·ε, Euler steps, one call per block), and q(token) = the average over `eval.noise_draws` fixed noise draws of softmax(final logits); exp of its mean −ln q.  It is the perplexity of that noise-averaged distribution, not of the distribution the greedy sampler draws from |
+| `gen_ppl` | both | generative perplexity: exp(mean −ln p_ref(c_j given prompt, c_<j)) over the tokens of sampled continuations, under the reference LM (`eval.reference`), in the reference's tokens; lower is not always better (repetitive text scores low) |
+| `gen_ppl@data` | both | the same for the *real* continuations of the same prompts: what a perfect sampler would score |
+| `mauve@ref` | both | MAUVE (mauve-text) between the reference LM's features of the real (P) and sampled (Q) prompt+continuation texts; feature = final hidden state averaged over the continuation (`eval.mauve_features`); k-means buckets and counts in `mauve_buckets`, `mauve_n_real`, `mauve_n_gen`; scaling `eval.mauve_scaling` |
+| `distinct4@gen`, `distinct4@data` | both | unique 4-grams / all 4-grams of the sampled and of the real continuations (1: no repetition) |
+| `train_layer_evals` | both | transformer-layer forward passes per training batch, summed over training (recurrent e2e: every unrolled core iteration, with and without gradient) |
+| `train_token_layer_evals` | both | the same × tokens per pass × batch size (the DiffusionBlocks AR layers see 2T tokens: clean and noisy) |
+| `infer_layer_evals@per_token` | both | layer evaluations to generate one token (prefix recomputed, no KV cache) |
+"""
