@@ -7,3 +7,5 @@ from bench.models.vit import ViT, ViTConfig
 ARCHS = {"vit": (ViTConfig, ViT), "mdm": (MDMConfig, MDM), "dit": (DiTConfig, DiT)}
 from bench.models.llama import Llama, LlamaConfig  # noqa: E402  (autoregressive LM)
 ARCHS["llama"] = (LlamaConfig, Llama)
+from bench.models.recurrent import RecurrentConfig, RecurrentLM  # noqa: E402  (recurrent-depth LM)
+ARCHS["recurrent"] = (RecurrentConfig, RecurrentLM)

@@ -7,6 +7,7 @@ TASKS = {
     "masked_lm": "bench.tasks.masked_lm:MaskedLMTask",
     "generation": "bench.tasks.generation:GenerationTask",
     "autoregressive": "bench.tasks.autoregressive:AutoregressiveTask",
+    "recurrent": "bench.tasks.recurrent:RecurrentTask",
 }
 
 

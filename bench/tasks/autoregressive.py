@@ -420,15 +420,14 @@ class AutoregressiveTask(Task):
         if e.reference:
             gen = self.generation_metrics(model, device, final)
             result.update(gen.pop("metrics"))
-        steps = self._steps_done(final)
-        result.update(self.train_compute(steps))
+        compute = self.train_compute(self._steps_done(final))
+        result.update(compute)
         if final:
             tag = f"{e.noise_draws}draws" if self.cfg.is_dblocks else "exact"
             result.update({f"{kind}_ppl@{tag}": result[f"{kind}_ppl"], f"{kind}_bpc@{tag}": result[f"{kind}_bpc"],
                            "ppl_tokens": n_tok, "chars_per_token": cpt,
                            "infer_layer_evals@per_token": self.inference_layer_evals_per_token(),
-                           "train_layer_evals@total": result["train_layer_evals"],
-                           "train_token_layer_evals@total": result["train_token_layer_evals"]})
+                           **{f"{k}@total": v for k, v in compute.items()}})
             if self.cfg.is_dblocks:
                 result["inference_steps"] = len(self.inference_sigmas())
             if e.reference:

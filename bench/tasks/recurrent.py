@@ -1,0 +1,186 @@
+"""Recurrent-depth LM (Huginn-style, paper §3.6, App. E.5): end-to-end recurrence vs a one-pass denoiser.
+
+Data, prompts and metrics are the autoregressive task's (windows of data.seq_len + 1 tokens;
+position j reads x_0…x_j and predicts x_{j+1}).
+
+e2e      r core iterations per step, r drawn per step from Huginn's log-normal Poisson,
+         r = 1 + Poisson(exp(τ)), τ ~ N(ln(r̄ − 1) − s²/2, s), so E[r] = r̄ (model.mean_recurrence,
+         s = model.recurrence_std), seeded by the step; s_0 ~ N(0, state_std²) from the trainer's
+         generator; truncated BPTT: only the last model.bptt iterations are back-propagated.
+dblocks  B = 1: one denoiser over the whole noise range, σ from the full (truncated) log-normal
+         p_noise, one pass (prelude, core once, coda) per step; λ(σ)-weighted cross-entropy of
+         head(D_j) to x_{j+1} (see bench/models/recurrent.py).
+
+Inference with K iterations (eval.recurrence; 0 → model.mean_recurrence):
+  e2e      K core iterations from s_0 ~ N(0, state_std²) (eval.seed).
+  dblocks  K denoiser calls on the K-point equal-probability σ grid from σ_max to σ_min
+           (sigmas_equiprobable): K − 1 Euler steps with D̂ = softmax(logits) @ Ê, and the logits of the
+           call at σ_min predict the token.  So iteration k of the recurrence runs at σ_k, the
+           k-th of K equally likely quantiles of p_noise, descending.  In the teacher-forced
+           perplexity all positions' chains run jointly (a position attends to the earlier positions'
+           current iterates); in generation the earlier positions, whose next tokens are known,
+           hold noisy copies y + σ_k·ε of them, as in training, and only the new position is iterated.
+
+Compute: the trainer counts 2 + 4 + 2 layers per step for both arms; the e2e recurrence really
+evaluates prelude + core·r + coda layers per step, which `train_layer_evals` (in every evaluation,
+hence in history.csv) counts by replaying the seeded draws of r; `train_backward_layer_evals`
+counts the layers that are also back-propagated (prelude + core·min(r, bptt) + coda).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+from bench.config import ConfigError, model_config
+from bench.diffusion import c_noise, denoised, sample_chain, scale_input, sigmas_equiprobable, weighted_loss
+from bench.metrics import text as M
+from bench.tasks.autoregressive import AutoregressiveTask, LMEvalConfig
+
+
+@dataclass
+class RecurrentEvalConfig(LMEvalConfig):
+    recurrence: int = 0            # K: core iterations (e2e) / denoiser calls (dblocks) at inference; 0: mean_recurrence
+
+
+def sample_recurrence(seed: int, mean: int, std: float) -> int:
+    """r = 1 + Poisson(exp(τ)), τ ~ N(ln(mean − 1) − std²/2, std): Huginn's log-normal Poisson, E[r] = mean."""
+    if mean <= 1:
+        return 1
+    rng = np.random.default_rng([seed, 0x5EC])
+    tau = rng.normal(np.log(mean - 1) - std ** 2 / 2, std)
+    return 1 + int(rng.poisson(np.exp(tau)))
+
+
+class RecurrentTask(AutoregressiveTask):
+    name = "recurrent"
+    arch = "recurrent"
+    eval_config = RecurrentEvalConfig
+
+    @classmethod
+    def validate_config(cls, cfg) -> None:
+        super().validate_config(cfg)
+        if cfg.diffusion.num_blocks != 1:
+            raise ConfigError(f"the recurrent model is one denoiser (paper: no block partitioning): "
+                              f"diffusion.num_blocks must be 1, got {cfg.diffusion.num_blocks}")
+        if cfg.eval.recurrence < 0:
+            raise ConfigError(f"eval.recurrence must be >= 0, got {cfg.eval.recurrence}")
+
+    @property
+    def mcfg(self):
+        return model_config(self.cfg.model)
+
+    @property
+    def K(self) -> int:
+        return self.cfg.eval.recurrence or self.mcfg.mean_recurrence
+
+    def step_recurrence(self, step: int) -> int:
+        m = self.mcfg
+        return sample_recurrence(self.cfg.train.seed * 7919 + step, m.mean_recurrence, m.recurrence_std)
+
+    # ---- training ----------------------------------------------------------------------------------------
+    def loss(self, model, batch, *, sigma, layers: range, generator=None):
+        x = batch
+        clean, target = x[:, :-1], x[:, 1:]
+        N, T = target.shape
+        if sigma is None:                              # e2e: the truncated-BPTT recurrence
+            r = self.step_recurrence(self._step)
+            s0 = torch.randn((N, T, self.mcfg.hidden), generator=generator).to(x.device) * self.mcfg.state_std
+            ce = M.token_nll(model(clean, r, s0, bptt=self.mcfg.bptt), target).mean()
+            return ce, {"ce": ce.detach()}
+        if self.sigma_per == "token":
+            more = self.partition.sample_training_sigma(0, N * (T - 1), generator)
+            sigma = torch.cat([sigma[:, None], more.view(N, T - 1)], dim=1)
+        sigma = sigma.to(x.device, torch.float32)
+        y = model.clean_embed(target)
+        eps = torch.randn(y.shape, generator=generator).to(y.device)
+        z = y + (sigma[:, None, None] if sigma.dim() == 1 else sigma[..., None]) * eps
+        e, rope = model.context(clean)
+        ce = M.token_nll(self.recurrent_logits(model, e, rope, z, sigma), target)
+        return weighted_loss(ce, sigma, self.noise.sigma_data, self.cfg.diffusion.weighting), {"ce": ce.mean().detach()}
+
+    def recurrent_logits(self, model, e, rope, z, sigma):
+        """head(c_skip·z + c_out·F(c_in·z; e, σ)) at every position."""
+        sd = self.noise.sigma_data
+        F_out, cond = model.denoiser_output(e, rope, scale_input(z, sigma, sd), c_noise(sigma))
+        return model.head(denoised(z, F_out, sigma, sd), cond)
+
+    # ---- inference -------------------------------------------------------------------------------------------
+    def inference_sigmas(self) -> torch.Tensor:
+        return sigmas_equiprobable(self.noise, self.K)
+
+    def _sig(self, s: float, N: int, T: int, device):
+        return torch.full((N, T) if self.sigma_per == "token" else (N,), s, device=device)
+
+    def chain(self, model, tokens, generator, known: torch.Tensor | None = None) -> torch.Tensor:
+        """Logits (N, T, V) after K denoiser calls at every position of `tokens` (N, T).  known: the
+        next tokens (N, T − 1) of all positions but the last; those positions then hold noisy copies
+        of them at each σ instead of iterating (generation)."""
+        N, T = tokens.shape
+        E = model.target_table()
+        e, rope = model.context(tokens)
+        eps = torch.randn((N, T, E.shape[1]), generator=generator).to(tokens.device)
+        y_known = model.clean_embed(known) if known is not None else None
+
+        def full(z, s: float):
+            if y_known is None:
+                return z
+            return torch.cat([y_known + s * eps[:, :-1], z], dim=1)   # noisy copies, then the iterate
+
+        def denoise(z, s: float, block: int):
+            logits = self.recurrent_logits(model, e, rope, full(z, s), self._sig(s, N, T, tokens.device))
+            D = logits.float().softmax(-1) @ E.float()
+            return D if y_known is None else D[:, -1:]
+
+        sigmas = self.inference_sigmas()
+        z0 = self.noise.sigma_max * (eps if y_known is None else eps[:, -1:])
+        z = sample_chain(denoise, z0, sigmas, self.full_range)
+        last = float(sigmas[-1])
+        return self.recurrent_logits(model, e, rope, full(z, last), self._sig(last, N, T, tokens.device))
+
+    def e2e_logits(self, model, tokens, generator):
+        s0 = torch.randn((*tokens.shape, self.mcfg.hidden), generator=generator).to(tokens.device) * self.mcfg.state_std
+        return model(tokens, self.K, s0)
+
+    def next_token_logits(self, model, seq, generator):
+        seq = seq[:, -self.mcfg.seq_len:]
+        if not self.cfg.is_dblocks:
+            return self.e2e_logits(model, seq, generator)[:, -1]
+        return self.chain(model, seq, generator, known=seq[:, 1:])[:, -1]
+
+    def nll_table(self, model, x, draws: int) -> torch.Tensor:
+        bs, out = self.cfg.eval.batch_size, []
+        for s in range(0, len(x), bs):
+            xb = x[s:s + bs]
+            g = torch.Generator().manual_seed(self.cfg.eval.seed * 1_000_003 + s)
+            if not self.cfg.is_dblocks:
+                out.append(M.token_nll(self.e2e_logits(model, xb[:, :-1], g), xb[:, 1:]).cpu())
+                continue
+            probs = torch.stack([self.chain(model, xb[:, :-1], g).float().softmax(-1).cpu() for _ in range(draws)])
+            out.append(M.mixture_nll(probs, xb[:, 1:].cpu()))
+        return torch.cat(out).double()
+
+    def decoding_note(self) -> str:
+        if self.cfg.is_dblocks:
+            return super().decoding_note().replace(f"(B = {self.partition.num_blocks})", f"(K = {self.K} iterations)")
+        return f"K = {self.K} core iterations, top-p {self.cfg.eval.top_p} sampling"
+
+    def inference_layer_evals_per_token(self) -> int:
+        m = self.mcfg
+        if self.cfg.is_dblocks:
+            return m.prelude + (m.core + m.coda) * self.K
+        return m.prelude + m.core * self.K + m.coda
+
+    # ---- compute --------------------------------------------------------------------------------------------
+    def train_compute(self, steps: int) -> dict:
+        m = self.mcfg
+        if self.cfg.is_dblocks:
+            fwd = bwd = steps * m.depth
+        else:
+            rs = np.array([self.step_recurrence(k) for k in range(steps)], dtype=np.int64)
+            fwd = int((m.prelude + m.core * rs + m.coda).sum())
+            bwd = int((m.prelude + m.core * np.minimum(rs, m.bptt) + m.coda).sum())
+        return {"train_layer_evals": fwd, "train_backward_layer_evals": bwd,
+                "train_token_layer_evals": fwd * self.seq_len * self.cfg.train.batch_size}
