@@ -155,6 +155,11 @@ def cmd_report(a) -> None:
     print(f"wrote {write_results_readme(a.out)}")
 
 
+def cmd_lm_report(a) -> None:
+    from bench.tasks.autoregressive import report
+    print(f"wrote {report(a.params)}")
+
+
 def cmd_run(a) -> None:
     from bench.evaluate import evaluate_arm
     from bench.report import compare
@@ -248,6 +253,8 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("--out", default="results/README.md")
     q.set_defaults(func=cmd_report)
 
+    suite_cmd("lm-report", cmd_lm_report, "language-model suite: comparison.md with metric definitions, "
+              "quality vs counted compute", arm=False)
     q = suite_cmd("run", cmd_run, "prepare, train (resuming), evaluate every arm, compare", arm=False)
     q.add_argument("--no-progress", action="store_true")
     return p

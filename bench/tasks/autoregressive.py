@@ -522,3 +522,103 @@ METRIC_DEFINITIONS = """\
 | `train_token_layer_evals` | both | the same × tokens per pass × batch size (the DiffusionBlocks AR layers see 2T tokens: clean and noisy) |
 | `infer_layer_evals@per_token` | both | layer evaluations to generate one token (prefix recomputed, no KV cache) |
 """
+
+
+# ---- the suite report ------------------------------------------------------------------------------------------
+def report(params_path, log=print) -> Path:
+    """`bench lm-report`: `bench compare`'s comparison.md (every metric as a column) headed by the metric
+    definitions, the language-model figures per arm, the compute ratios and the samples; plus
+    quality_vs_compute.png (the curve metrics against the *counted* training layer evaluations,
+    which for the recurrent e2e arm include every unrolled iteration)."""
+    import pandas as pd
+
+    from bench.config import arm_names, load_config, read_params
+    from bench.report import _markdown_table, compare
+
+    raw = read_params(params_path)
+    suite = str(raw.get("suite") or Path(params_path).parent.name)
+    out = Path(raw.get("results_dir") or "results") / suite
+    rows, curves = [], {}
+    for arm in arm_names(params_path):
+        cfg = load_config(params_path, arm)
+        ev_path = Path(cfg.out_dir) / "eval.json"
+        if not ev_path.exists():
+            raise FileNotFoundError(f"{ev_path} not found: run `bench evaluate {params_path} --arm {arm}` first")
+        ev = json.loads(ev_path.read_text())
+        curves[arm] = pd.read_csv(Path(cfg.out_dir) / "history.csv")
+        rows.append({"arm": arm, "mode": cfg.mode, **ev, "_cfg": cfg})
+    first = rows[0]["_cfg"]
+    e = first.eval
+    lm_cols = ["gen_ppl", "gen_ppl@data", "mauve@ref", "distinct4@gen", "distinct4@data", "test_ppl", "test_bpc",
+               "denoise_ppl", "denoise_bpc", "train_layer_evals", "train_backward_layer_evals",
+               "train_token_layer_evals", "infer_layer_evals@per_token"]
+    table = pd.DataFrame([{"arm": r["arm"], "mode": r["mode"], **{c: r.get(c, float("nan")) for c in lm_cols}}
+                          for r in rows]).dropna(axis=1, how="all")
+    notes = [f"**Scale.** {first.data.dataset}, {first.data.tokenizer} tokens, context {first.data.seq_len}; "
+             f"these are numbers of this corpus and model size only (not LM1B/OWT numbers).  Reference LM for "
+             f"gen_ppl and MAUVE: `{e.reference or 'none'}`; {e.prompts} test prompts × {e.continuations} continuations "
+             f"of {e.gen_len} tokens after {e.prompt_len}-token prompts (MAUVE: "
+             f"{rows[0].get('mauve_n_real', '–')} real vs {rows[0].get('mauve_n_gen', '–')} generated texts, "
+             f"{rows[0].get('mauve_buckets', '–')} buckets, scaling {e.mauve_scaling}).\n",
+             "## Language-model figures\n", _markdown_table(table), "",
+             "## Metric definitions\n", METRIC_DEFINITIONS]
+    e2e = [r for r in rows if r["mode"].startswith("e2e")]
+    db = [r for r in rows if r["mode"].startswith("dblocks")]
+    if e2e and db:
+        a, b = e2e[0], db[0]
+        lines = ["## Checks\n"]
+        if "gen_ppl" in a and "gen_ppl" in b:
+            ratio = b["gen_ppl"] / a["gen_ppl"]
+            lines.append(f"- gen_ppl {b['arm']} / {a['arm']} = {b['gen_ppl']:.4g} / {a['gen_ppl']:.4g} = {ratio:.3f} "
+                         f"({'within' if abs(ratio - 1) <= 0.15 else 'NOT within'} 15%); real continuations: "
+                         f"{a.get('gen_ppl@data', float('nan')):.4g}.  Decoding: {a['arm']} "
+                         f"{_decoding(a['_cfg'])}, {b['arm']} {_decoding(b['_cfg'])}.")
+        lines.append(f"- training layer evaluations {a['arm']} / {b['arm']} = {a['train_layer_evals']:,} / "
+                     f"{b['train_layer_evals']:,} = {a['train_layer_evals'] / b['train_layer_evals']:.2f}× "
+                     f"(token-layer evaluations: {a['train_token_layer_evals'] / b['train_token_layer_evals']:.2f}×"
+                     + (f"; back-propagated layer evaluations: "
+                        f"{a['train_backward_layer_evals'] / b['train_backward_layer_evals']:.2f}×"
+                        if "train_backward_layer_evals" in a else "") + ").")
+        lines.append(f"- inference layer evaluations per token: {a['arm']} {a['infer_layer_evals@per_token']}, "
+                     f"{b['arm']} {b['infer_layer_evals@per_token']}.")
+        notes += lines + [""]
+    notes += ["## Samples\n", *[f"- `{r['arm']}`: [samples_{r['arm']}.md](samples_{r['arm']}.md)" for r in rows
+                                 if r.get("samples_file")], "",
+              f"Quality against counted training compute: ![quality vs compute](quality_vs_compute.png)\n",
+              "The table below and `learning_curve.png` come from `bench compare`; its `layer_evals` and "
+              "`epochs_equiv` are the trainer's count (for the recurrent e2e arm one core pass per step, not the "
+              "unrolled iterations: use `train_layer_evals` above).\n"]
+    md = compare(params_path, notes="\n".join(notes))
+    _plot_quality(curves, out / "quality_vs_compute.png", suite)
+    log(f"{suite}: wrote {out / 'quality_vs_compute.png'}")
+    return md
+
+
+def _decoding(cfg) -> str:
+    from bench.tasks import make_task
+    return make_task(cfg).decoding_note()
+
+
+def _plot_quality(curves: dict, path: Path, suite: str) -> Path:
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    keys = [k for k in ("gen_ppl", "test_ppl", "denoise_ppl") if any(k in df for df in curves.values())]
+    fig, axes = plt.subplots(1, len(keys), figsize=(5 * len(keys), 4), squeeze=False)
+    for ax, key in zip(axes[0], keys):
+        for arm, df in curves.items():
+            if key in df and "train_layer_evals" in df:
+                ax.plot(df["train_layer_evals"], df[key], marker="o", label=arm)
+        ax.set_xlabel("training layer evaluations (counted, all unrolled iterations)")
+        ax.set_ylabel(key)
+        ax.set_yscale("log")
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=8)
+    fig.suptitle(f"{suite}: quality vs training compute", fontsize=10)
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp.png")
+    fig.savefig(tmp, dpi=110)
+    plt.close(fig)
+    tmp.replace(path)
+    return path
