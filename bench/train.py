@@ -211,7 +211,7 @@ def train(cfg: RunConfig, params_path: str | Path | None = None, resume: bool | 
             block = block_sampler.sample() if cfg.is_dblocks else None
             # memory is measured once per block (its first step after two warm-up steps)
             meter_key = "all" if block is None else f"block{block}"
-            measure = step >= 2 and meter_key not in state["memory"]
+            measure = step >= min(2, budget.total_steps // 2) and meter_key not in state["memory"]
             optimizer.activate(block)  # offload: only this block's weights on the device
             meter = MemoryMeter(model, optimizer.resident_optimizers(), device) if measure else None
             t0 = time.perf_counter()
@@ -281,7 +281,9 @@ def train(cfg: RunConfig, params_path: str | Path | None = None, resume: bool | 
 
     # ---- results --------------------------------------------------------------------------
     final = state["history"][-1]
-    mem = max(state["memory"].values(), key=lambda m: m["peak_bytes"])
+    mem = max(state["memory"].values(), key=lambda m: m["peak_bytes"], default=None) or {
+        k: -1 for k in ("peak_bytes", "parameters", "gradients", "optimizer_state", "activations",
+                        "allocator_peak_bytes", "rss_peak_bytes")}  # a run too short to measure
     times = state["step_times"]
     summary = {
         "suite": cfg.suite, "arm": cfg.arm, "mode": cfg.mode, "num_blocks": cfg.diffusion.num_blocks if cfg.is_dblocks else 1,
