@@ -193,7 +193,9 @@ def inception(weights: str | Path, device: torch.device | str = "cpu"):
     (or torch-fidelity's download when weights == 'download')."""
     from torch_fidelity.feature_extractor_inceptionv3 import FeatureExtractorInceptionV3
     path = None if str(weights) == DOWNLOAD else str(check_weights(weights))
-    return FeatureExtractorInceptionV3("inception-v3-compat", ["2048"], feature_extractor_weights_path=path).to(device)
+    net = FeatureExtractorInceptionV3("inception-v3-compat", ["2048"], feature_extractor_weights_path=path).to(device)
+    # channels-last convolutions are ~1.7× faster on CPU; features change by ~1e-6 (float32 round-off)
+    return net.to(memory_format=torch.channels_last) if torch.device(device).type == "cpu" else net
 
 
 def to_uint8_rgb(images: torch.Tensor) -> torch.Tensor:
