@@ -19,6 +19,15 @@ ROOT = Path(__file__).resolve().parents[1]
 V = 11
 
 
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    """One CPU thread: on a shared 2-core machine two threads oversubscribe and run several times slower."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
 def _activate(model: torch.nn.Module, seed: int = 0) -> torch.nn.Module:
     """Random values in the zero-initialised adaLN and head, so every path carries signal."""
     g = torch.Generator().manual_seed(seed)
@@ -149,7 +158,7 @@ runs_dir: {tmp}/runs
 data: {{dataset: shakespeare, root: {root}, seq_len: 24, train_subset: 384, test_subset: 16}}
 model: {{arch: llama, seq_len: 48, hidden: 32, depth: 4, heads: 2, cond_dim: 16}}
 diffusion: {{num_blocks: 4, gamma: 0.1}}
-train: {{batch_size: 16, epochs: 1, lr: 3.0e-3, warmup_epochs: 0.1, curve_points: 2, ckpt_every: 100, threads: 2}}
+train: {{batch_size: 16, epochs: 1, lr: 3.0e-3, warmup_epochs: 0.1, curve_points: 2, ckpt_every: 100, threads: 1}}
 eval: {{batch_size: 32, curve_ppl_sequences: 8, ppl_sequences: 16, prompt_len: 16, gen_len: 12, prompts: 20,
         continuations: 1, curve_prompts: 4, reference: "{reference}", samples_dir: {tmp}/results}}
 arms:

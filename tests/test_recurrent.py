@@ -18,6 +18,15 @@ ROOT = Path(__file__).resolve().parents[1]
 V = 13
 
 
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    """One CPU thread: on a shared 2-core machine two threads oversubscribe and run several times slower."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
 def _model(conditioned: bool) -> RecurrentLM:
     torch.manual_seed(0)
     m = RecurrentLM(RecurrentConfig(vocab_size=V, seq_len=32, hidden=16, heads=2, cond_dim=8), conditioned)
@@ -90,7 +99,7 @@ runs_dir: {tmp}/runs
 data: {{dataset: shakespeare, root: {root}, seq_len: 16, train_subset: 256, test_subset: 8}}
 model: {{arch: recurrent, seq_len: 40, hidden: 16, heads: 2, mean_recurrence: 6, bptt: 2}}
 diffusion: {{num_blocks: 1, gamma: 0.0}}
-train: {{batch_size: 16, epochs: 1, lr: 3.0e-3, warmup_epochs: 0.1, curve_points: 2, ckpt_every: 100, threads: 2}}
+train: {{batch_size: 16, epochs: 1, lr: 3.0e-3, warmup_epochs: 0.1, curve_points: 2, ckpt_every: 100, threads: 1}}
 eval: {{batch_size: 32, curve_ppl_sequences: 4, ppl_sequences: 8, prompt_len: 8, gen_len: 8, recurrence: 4,
         noise_draws: 2, mauve: false, samples_dir: {tmp}/results}}
 arms:
