@@ -290,13 +290,29 @@ def test_bad_input_is_one_line_before_compute(tmp_path, shakespeare_root):
         make_task(load_config(params, "e2e", [f"eval.reference={not_lm}"])).check()
 
 
-def test_hf_reference_that_is_not_a_causal_lm(tmp_path):
+def test_hf_reference_is_checked_and_scores_text(tmp_path):
     transformers = pytest.importorskip("transformers")
     cfg = transformers.BertConfig(vocab_size=50, hidden_size=16, num_hidden_layers=1, num_attention_heads=2,
                                   intermediate_size=16)
     transformers.BertModel(cfg).save_pretrained(tmp_path / "bert")
     with pytest.raises(ConfigError, match="is not a causal LM"):
         M.check_hf_causal_lm(tmp_path / "bert")
-    gcfg = transformers.GPT2Config(vocab_size=50, n_embd=16, n_layer=1, n_head=2)
-    transformers.GPT2LMHeadModel(gcfg).save_pretrained(tmp_path / "gpt2")
+    # a tiny local GPT-2 with its own byte-level BPE: accepted, and it scores and featurises decoded text
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer, tok.decoder = pre_tokenizers.ByteLevel(add_prefix_space=False), decoders.ByteLevel()
+    tok.train_from_iterator(["to be or not to be, that is the question"] * 20,
+                            trainers.BpeTrainer(vocab_size=300, initial_alphabet=pre_tokenizers.ByteLevel.alphabet()))
+    fast = transformers.PreTrainedTokenizerFast(tokenizer_object=tok)
+    fast.save_pretrained(tmp_path / "gpt2")
+    torch.manual_seed(0)
+    transformers.GPT2LMHeadModel(transformers.GPT2Config(vocab_size=fast.vocab_size, n_embd=16, n_layer=1, n_head=2)
+                                 ).save_pretrained(tmp_path / "gpt2")
     M.check_hf_causal_lm(tmp_path / "gpt2")
+    chars = "abcdefghijklmnopqrstuvwxyz ,"
+    ref = M.HFReferenceLM(tmp_path / "gpt2", lambda ids: "".join(chars[i] for i in ids), torch.device("cpu"))
+    prompts, conts = [[19, 14, 26, 1, 4]], [[26, 14, 17, 26, 13, 14, 19]]          # "to be" + " or not"
+    nll, n = ref.score(prompts, conts)
+    ids_c = fast.encode(" or not", add_special_tokens=False)
+    assert n.tolist() == [len(ids_c)] and nll[0] > 0
+    assert ref.features(prompts, conts).shape == (1, 16)

@@ -554,9 +554,14 @@ def report(params_path, log=print) -> Path:
                "train_token_layer_evals", "infer_layer_evals@per_token"]
     table = pd.DataFrame([{"arm": r["arm"], "mode": r["mode"], **{c: r.get(c, float("nan")) for c in lm_cols}}
                           for r in rows]).dropna(axis=1, how="all")
+    ref_note = ""
+    ref_eval = Path(e.reference).parent / "eval.json" if e.reference else None
+    if ref_eval is not None and ref_eval.is_file():
+        r = json.loads(ref_eval.read_text())
+        ref_note = f" (its own exact test perplexity {r['test_ppl']:.4g}, {r['test_bpc']:.4g} bits per character)"
     notes = [f"**Scale.** {first.data.dataset}, {first.data.tokenizer} tokens, context {first.data.seq_len}; "
              f"these are numbers of this corpus and model size only (not LM1B/OWT numbers).  Reference LM for "
-             f"gen_ppl and MAUVE: `{e.reference or 'none'}`; {e.prompts} test prompts × {e.continuations} continuations "
+             f"gen_ppl and MAUVE: `{e.reference or 'none'}`{ref_note}; {e.prompts} test prompts × {e.continuations} continuations "
              f"of {e.gen_len} tokens after {e.prompt_len}-token prompts (MAUVE: "
              f"{rows[0].get('mauve_n_real', '–')} real vs {rows[0].get('mauve_n_gen', '–')} generated texts, "
              f"{rows[0].get('mauve_buckets', '–')} buckets, scaling {e.mauve_scaling}).\n",
