@@ -570,22 +570,10 @@ def report(params_path, log=print) -> Path:
     e2e = [r for r in rows if r["mode"].startswith("e2e")]
     db = [r for r in rows if r["mode"].startswith("dblocks")]
     if e2e and db:
-        a, b = e2e[0], db[0]
         lines = ["## Checks\n"]
-        if "gen_ppl" in a and "gen_ppl" in b:
-            ratio = b["gen_ppl"] / a["gen_ppl"]
-            lines.append(f"- gen_ppl {b['arm']} / {a['arm']} = {b['gen_ppl']:.4g} / {a['gen_ppl']:.4g} = {ratio:.3f} "
-                         f"({'within' if abs(ratio - 1) <= 0.15 else 'NOT within'} 15%); real continuations: "
-                         f"{a.get('gen_ppl@data', float('nan')):.4g}.  Decoding: {a['arm']} "
-                         f"{_decoding(a['_cfg'])}, {b['arm']} {_decoding(b['_cfg'])}.")
-        lines.append(f"- training layer evaluations {a['arm']} / {b['arm']} = {a['train_layer_evals']:,} / "
-                     f"{b['train_layer_evals']:,} = {a['train_layer_evals'] / b['train_layer_evals']:.2f}× "
-                     f"(token-layer evaluations: {a['train_token_layer_evals'] / b['train_token_layer_evals']:.2f}×"
-                     + (f"; back-propagated layer evaluations: "
-                        f"{a['train_backward_layer_evals'] / b['train_backward_layer_evals']:.2f}×"
-                        if "train_backward_layer_evals" in a else "") + ").")
-        lines.append(f"- inference layer evaluations per token: {a['arm']} {a['infer_layer_evals@per_token']}, "
-                     f"{b['arm']} {b['infer_layer_evals@per_token']}.")
+        a = e2e[0]
+        for b in db:
+            lines += _checks(a, b)
         notes += lines + [""]
     notes += ["## Samples\n", *[f"- `{r['arm']}`: [samples_{r['arm']}.md](samples_{r['arm']}.md)" for r in rows
                                  if r.get("samples_file")], "",
@@ -597,6 +585,28 @@ def report(params_path, log=print) -> Path:
     _plot_quality(curves, out / "quality_vs_compute.png", suite)
     log(f"{suite}: wrote {out / 'quality_vs_compute.png'}")
     return md
+
+
+def _checks(a: dict, b: dict) -> list[str]:
+    """The gen-ppl ratio (target: within 15%) and the compute ratios of arm b against e2e arm a."""
+    lines = []
+    if "gen_ppl" in a and "gen_ppl" in b:
+        ratio = b["gen_ppl"] / a["gen_ppl"]
+        lines.append(f"- gen_ppl {b['arm']} / {a['arm']} = {b['gen_ppl']:.4g} / {a['gen_ppl']:.4g} = {ratio:.3f} "
+                     f"({'within' if abs(ratio - 1) <= 0.15 else 'NOT within'} 15%); real continuations: "
+                     f"{a.get('gen_ppl@data', float('nan')):.4g}; MAUVE {b.get('mauve@ref', float('nan')):.3g} vs "
+                     f"{a.get('mauve@ref', float('nan')):.3g}; distinct-4 {b.get('distinct4@gen', float('nan')):.3g} vs "
+                     f"{a.get('distinct4@gen', float('nan')):.3g}.  Decoding: {a['arm']} {_decoding(a['_cfg'])}; "
+                     f"{b['arm']} {_decoding(b['_cfg'])}.")
+    lines.append(f"- training layer evaluations {a['arm']} / {b['arm']} = {a['train_layer_evals']:,} / "
+                 f"{b['train_layer_evals']:,} = {a['train_layer_evals'] / b['train_layer_evals']:.2f}× "
+                 f"(token-layer evaluations: {a['train_token_layer_evals'] / b['train_token_layer_evals']:.2f}×"
+                 + (f"; back-propagated layer evaluations: "
+                    f"{a['train_backward_layer_evals'] / b['train_backward_layer_evals']:.2f}×"
+                    if "train_backward_layer_evals" in a else "") + ").")
+    lines.append(f"- inference layer evaluations per token: {a['arm']} {a['infer_layer_evals@per_token']}, "
+                 f"{b['arm']} {b['infer_layer_evals@per_token']}.")
+    return lines
 
 
 def _decoding(cfg) -> str:
