@@ -54,6 +54,7 @@ class DiffusionConfig:
     sigma_data: float = 0.5
     weighting: str = "lambda"          # lambda (per-sample λ(σ)) | official (mean CE · mean λ) | uniform
     inference_steps: int = 0           # σ points at inference; 0 → B (one call per block)
+    sample_sigma_max: float = 0.0      # where inference starts; 0 → sigma_max (the paper)
 
 
 @dataclass
@@ -266,6 +267,8 @@ def validate(cfg: RunConfig) -> None:
         raise ConfigError(f"diffusion.gamma must be >= 0, got {d.gamma}")
     if d.inference_steps < 0:
         raise ConfigError(f"diffusion.inference_steps must be >= 0, got {d.inference_steps}")
+    if d.sample_sigma_max and not d.sigma_min < d.sample_sigma_max <= d.sigma_max:
+        raise ConfigError(f"diffusion.sample_sigma_max must lie in (sigma_min, sigma_max], got {d.sample_sigma_max}")
     if t.residency not in RESIDENCY:
         raise ConfigError(f"unknown train.residency {t.residency!r}; choose one of {', '.join(RESIDENCY)}")
     for name in ("batch_size", "log_every", "ckpt_every"):

@@ -136,3 +136,12 @@ def test_sample_chain_runs_each_step_with_the_owning_block():
     z = sample_chain(denoise, 80 * torch.randn(2, 3), sigmas, p)
     assert [b for _, b in calls] == [0, 0, 1, 1, 2, 2]
     assert torch.equal(z, target)  # the last step to σ = 0 returns D
+
+
+def test_equiprobable_grid_with_a_lower_start():
+    p = make_partition(3)
+    s = sigmas_equiprobable(NOISE, 3, sigma_start=10.0)
+    assert s[0] == 10.0 and s[-1] == 0.002 and bool((s[1:] < s[:-1]).all())
+    assert [p.block_of(x) for x in s.tolist()] == [0, 1, 2]
+    with pytest.raises(ValueError, match="sampling start"):
+        sigmas_equiprobable(NOISE, 3, sigma_start=100.0)

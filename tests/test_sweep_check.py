@@ -17,7 +17,7 @@ data: {{dataset: fashion_mnist, root: {root}, train_subset: 256, test_subset: 20
 model: {{arch: vit, image_size: 28, patch_size: 7, hidden: 16, depth: 4, heads: 2, mlp_dim: 32}}
 diffusion: {{num_blocks: 2, gamma: 0.0}}
 train: {{epochs: 0.5, batch_size: 64, lr: 2.0e-3, curve_points: 2, ckpt_every: 100, threads: 2}}
-eval: {{batch_size: 200, final_noise_draws: 0}}
+eval: {{batch_size: 200, final_variants: []}}
 arms:
   e2e: {{mode: e2e}}
   dblocks: {{mode: dblocks}}

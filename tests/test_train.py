@@ -104,6 +104,7 @@ def test_short_real_training_dblocks_beats_chance_by_far(tmp_path, fashion_root)
     s = train(load_config(p, "dblocks_uniform", overrides), progress=False, log=lambda *_: None)
     assert s["optimizer_steps"] == 3 * 2 * (6000 // 64)
     assert s["test_acc"] > 0.4, s  # chance is 0.10
-    ev = evaluate_arm(load_config(p, "dblocks_uniform", overrides + ["eval.final_noise_draws=0"]), log=lambda *_: None)
+    ev = evaluate_arm(load_config(p, "dblocks_uniform", overrides + ["eval.final_variants=[steps=B+1]"]), log=lambda *_: None)
     assert ev["test_acc"] == pytest.approx(s["test_acc"])  # same inference noise seed → same accuracy
-    assert set(ev) >= {"test_acc@3steps", "test_acc@4steps"}
+    assert set(ev) == {"arm", "mode", "metric", "test_acc", "test_ce", "inference_steps", "inference_draws",
+                       "inference_sigma_start", "test_acc@steps=4"}

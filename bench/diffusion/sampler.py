@@ -16,15 +16,22 @@ from bench.diffusion.partition import Partition
 GRIDS = ("equiprobable", "karras")
 
 
-def sigmas_equiprobable(noise: LogNormalNoise, num_points: int) -> torch.Tensor:
-    """σ_max → σ_min, evenly spaced in CDF space of p_noise (so each block of an equiprobable
+def sigmas_equiprobable(noise: LogNormalNoise, num_points: int, sigma_start: float | None = None) -> torch.Tensor:
+    """σ_start → σ_min, evenly spaced in CDF space of p_noise (so each block of an equiprobable
     partition gets about the same number of steps; paper App. H).  float64, descending.
-    A single point is σ_max: one call from pure noise."""
+    σ_start defaults to σ_max; a lower start keeps the first call inside the σ range the first
+    block actually saw in training.  A single point is σ_start: one call from pure noise."""
     if num_points < 1:
         raise ValueError(f"num_points must be >= 1, got {num_points}")
+    start = noise.sigma_max if not sigma_start else float(sigma_start)
+    if not noise.sigma_min < start <= noise.sigma_max:
+        raise ValueError(f"sampling start {start} must lie in (sigma_min, sigma_max] = ({noise.sigma_min}, {noise.sigma_max}]")
     if num_points == 1:
-        return torch.tensor([noise.sigma_max], dtype=torch.float64)
-    return noise.quantile(torch.linspace(1.0, 0.0, num_points, dtype=torch.float64))
+        return torch.tensor([start], dtype=torch.float64)
+    top = noise.mass(noise.sigma_min, start)  # the truncated distribution's CDF at σ_start
+    sigmas = noise.quantile(torch.linspace(top, 0.0, num_points, dtype=torch.float64))
+    sigmas[0] = start
+    return sigmas
 
 
 def sigmas_karras(noise: LogNormalNoise, num_points: int, rho: float = 7.0) -> torch.Tensor:
@@ -40,9 +47,10 @@ def sigmas_karras(noise: LogNormalNoise, num_points: int, rho: float = 7.0) -> t
     return s
 
 
-def make_sigmas(noise: LogNormalNoise, num_points: int, grid: str = "equiprobable", rho: float = 7.0) -> torch.Tensor:
+def make_sigmas(noise: LogNormalNoise, num_points: int, grid: str = "equiprobable", rho: float = 7.0,
+                sigma_start: float | None = None) -> torch.Tensor:
     if grid == "equiprobable":
-        return sigmas_equiprobable(noise, num_points)
+        return sigmas_equiprobable(noise, num_points, sigma_start)
     if grid == "karras":
         return sigmas_karras(noise, num_points, rho)
     raise ValueError(f"unknown sigma grid {grid!r}; choose one of {', '.join(GRIDS)}")

@@ -18,7 +18,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from bench.blocks import BlockLayout
 from bench.config import ConfigError, DataConfig, EvalConfig, model_config
@@ -35,7 +35,26 @@ class ImageDataConfig(DataConfig):
 @dataclass
 class ClassificationEvalConfig(EvalConfig):
     noise_draws: int = 1               # inference noises averaged per test image (official: 1)
-    final_noise_draws: int = 8         # the final evaluation also reports this many (0: skip)
+    # the final evaluation (`bench evaluate`) also reports these inference settings, each a
+    # comma-separated list of steps=N|B+1, draws=N, sigma_start=X; e.g. "draws=8,sigma_start=10"
+    final_variants: list = field(default_factory=lambda: ["steps=B+1", "draws=8"])
+
+
+VARIANT_KEYS = ("steps", "draws", "sigma_start")
+
+
+def parse_variant(text: str, num_blocks: int) -> dict:
+    """'steps=B+1,draws=8' → {'steps': B+1, 'draws': 8}."""
+    out = {}
+    for item in str(text).split(","):
+        key, _, value = item.strip().partition("=")
+        if key not in VARIANT_KEYS or not value:
+            raise ConfigError(f"eval.final_variants: cannot read {text!r}; use {', '.join(k + '=…' for k in VARIANT_KEYS)}")
+        if key == "steps":
+            out[key] = num_blocks + 1 if value.replace(" ", "") == "B+1" else int(value)
+        else:
+            out[key] = int(value) if key == "draws" else float(value)
+    return out
 
 
 class ClassificationTask(Task):
@@ -52,6 +71,8 @@ class ClassificationTask(Task):
             raise ConfigError(f"unknown data.augment {cfg.data.augment!r}; choose none, crop_flip or randaugment")
         if cfg.eval.noise_draws < 1:
             raise ConfigError(f"eval.noise_draws must be >= 1, got {cfg.eval.noise_draws}")
+        for v in cfg.eval.final_variants:
+            parse_variant(v, cfg.diffusion.num_blocks)
 
     def __init__(self, cfg):
         super().__init__(cfg)
@@ -118,25 +139,24 @@ class ClassificationTask(Task):
     # ---- inference --------------------------------------------------------------------------
     @torch.no_grad()
     def evaluate(self, model, device, final: bool = False) -> dict:
-        """Test accuracy and mean CE, the inference noise fixed by eval.seed.  final: also with B+1
-        σ points (the paper's App. E.1 wording; B is the official code's default), and with the
-        class probabilities averaged over eval.final_noise_draws noise draws."""
+        """Test accuracy and mean CE, the inference noise fixed by eval.seed.  final: also under
+        each of eval.final_variants (e.g. B+1 σ points, the paper's App. E.1 wording, where B is
+        the official code's default; probabilities averaged over several noise draws)."""
         if not self.conditioned:
-            return self._accuracy(model, device, 0, 1)
-        B = self.partition.num_blocks
-        steps, draws = self.cfg.diffusion.inference_steps or B, self.cfg.eval.noise_draws
-        result = self._accuracy(model, device, steps, draws)
+            return self._accuracy(model, device)
+        d = self.cfg.diffusion
+        default = {"steps": d.inference_steps or self.partition.num_blocks, "draws": self.cfg.eval.noise_draws,
+                   "sigma_start": d.sample_sigma_max or self.noise.sigma_max}
+        result = self._accuracy(model, device, **default)
         if final:
-            result["inference_steps"], result["noise_draws"] = steps, draws
-            result[f"test_acc@{steps}steps"] = result["test_acc"]
-            for s in sorted({B, B + 1} - {steps}):
-                result[f"test_acc@{s}steps"] = self._accuracy(model, device, s, draws)["test_acc"]
-            many = self.cfg.eval.final_noise_draws
-            if many > draws:
-                result[f"test_acc@{many}draws"] = self._accuracy(model, device, steps, many)["test_acc"]
+            result.update({f"inference_{k}": v for k, v in default.items()})
+            for text in self.cfg.eval.final_variants:
+                v = parse_variant(text, self.partition.num_blocks)
+                name = ",".join(f"{k}={v[k]:g}" for k in VARIANT_KEYS if k in v)
+                result[f"test_acc@{name}"] = self._accuracy(model, device, **{**default, **v})["test_acc"]
         return result
 
-    def _accuracy(self, model, device, steps: int, draws: int) -> dict:
+    def _accuracy(self, model, device, steps: int = 0, draws: int = 1, sigma_start: float = 0.0) -> dict:
         """Accuracy of the argmax of the class probabilities averaged over `draws` inference noises."""
         was_training = model.training
         model.eval()
@@ -146,7 +166,8 @@ class ClassificationTask(Task):
         for start in range(0, len(split), bs):
             x, y = self._images(split, torch.arange(start, min(len(split), start + bs)), device)
             probs = sum(self.predict(model, x, partition=self.partition if self.conditioned else None,
-                                     layout=self.layout, inference_steps=steps, generator=g).float().softmax(-1)
+                                     layout=self.layout, inference_steps=steps, sigma_start=sigma_start,
+                                     generator=g).float().softmax(-1)
                         for _ in range(draws)) / draws
             correct += int((probs.argmax(-1) == y).sum())
             nll += float(F.nll_loss(probs.clamp_min(1e-12).log(), y, reduction="sum"))
@@ -155,12 +176,14 @@ class ClassificationTask(Task):
 
     @torch.no_grad()
     def predict(self, model, images, *, partition: Partition | None, layout: BlockLayout | None,
-                inference_steps: int = 0, generator: torch.Generator | None = None) -> torch.Tensor:
-        """Logits.  partition None: the plain classifier; else the chained denoising blocks."""
+                inference_steps: int = 0, sigma_start: float = 0.0,
+                generator: torch.Generator | None = None) -> torch.Tensor:
+        """Logits.  partition None: the plain classifier; else the chained denoising blocks,
+        starting from σ_start·ε (σ_start = σ_max unless given)."""
         if partition is None:
             return model(images)
         steps = inference_steps or partition.num_blocks
-        sigmas = sigmas_equiprobable(self.noise, steps)
+        sigmas = sigmas_equiprobable(self.noise, steps, sigma_start or None)
         E = F.normalize(model.label_embed.weight, dim=-1)
         n = images.shape[0]
 
@@ -172,6 +195,6 @@ class ClassificationTask(Task):
             return run(z, sigma, block).softmax(-1) @ E
 
         eps = torch.randn((n, E.shape[1]), generator=generator).to(images.device)
-        z = sample_chain(denoise, self.noise.sigma_max * eps, sigmas, partition)
+        z = sample_chain(denoise, float(sigmas[0]) * eps, sigmas, partition)
         last = float(sigmas[-1])
         return run(z, last, partition.block_of(last))
