@@ -121,7 +121,9 @@ def make_optimizer(cfg: RunConfig, task: Task, model, device, budget: "Budget") 
 
 
 # ---- checkpoints ------------------------------------------------------------------------------
-RESUME_IGNORED = {"train.log_every", "train.ckpt_every", "train.device", "train.threads", "eval.batch_size"}
+# settings that do not change what is trained: a checkpoint made under other values still resumes
+RESUME_IGNORED = {"train.log_every", "train.ckpt_every", "train.device", "train.threads", "eval.batch_size",
+                  "eval.final_variants", "out_dir", "arm"}
 
 
 def _config_diff(a: dict, b: dict) -> list[str]:
