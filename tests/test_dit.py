@@ -238,6 +238,7 @@ def test_imagenet_suite_stops_at_once_naming_both_paths(capsys):
 
 
 # ---- through the trainer, on real data ----------------------------------------------------------
+@pytest.mark.slow
 def test_tiny_run_trains_evaluates_and_draws_a_grid(params, fashion_root, fid_weights):
     from bench.evaluate import evaluate_arm
     from bench.train import train
