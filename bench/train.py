@@ -126,9 +126,31 @@ RESUME_IGNORED = {"train.log_every", "train.ckpt_every", "train.device", "train.
                   "eval.final_variants", "out_dir", "arm"}
 
 
-def _config_diff(a: dict, b: dict) -> list[str]:
-    fa, fb = track.flatten(a), track.flatten(b)
-    return sorted(k for k in set(fa) | set(fb) if k not in RESUME_IGNORED and fa.get(k) != fb.get(k))
+def _field_default(cfg: RunConfig, dotted: str):
+    """The default of a params key (a key newer than a checkpoint had this value implicitly)."""
+    import dataclasses
+    from bench.config import section_class
+    section, _, name = dotted.partition(".")
+    if not name:  # a top-level key
+        return {"task": "classification"}.get(section, dataclasses.MISSING)
+    try:
+        f = {f.name: f for f in dataclasses.fields(section_class(section, cfg.task, cfg.model["arch"]))}[name]
+    except (KeyError, TypeError):
+        return dataclasses.MISSING
+    return f.default if f.default is not dataclasses.MISSING else f.default_factory()
+
+
+def _config_diff(old: dict, cfg: RunConfig) -> list[str]:
+    """Params that differ between a checkpoint's config and this run's."""
+    fa, fb = track.flatten(old), track.flatten(cfg.to_dict())
+    diff = []
+    for k in set(fa) | set(fb):
+        if k in RESUME_IGNORED or fa.get(k) == fb.get(k):
+            continue
+        if k not in fa and fb[k] == _field_default(cfg, k):  # added to bench after the checkpoint
+            continue
+        diff.append(k)
+    return sorted(diff)
 
 
 # ---- the loop ---------------------------------------------------------------------------------
@@ -160,7 +182,7 @@ def train(cfg: RunConfig, params_path: str | Path | None = None, resume: bool | 
              "memory": {}, "mlflow_run_id": None}
     ckpt = torch.load(ckpt_path, map_location=device, weights_only=False) if resume and ckpt_path.exists() else None
     if ckpt is not None:
-        diff = _config_diff(ckpt["config"], cfg.to_dict())
+        diff = _config_diff(ckpt["config"], cfg)
         if diff and resume == "auto":
             log(f"{ckpt_path} was made with different params ({', '.join(diff)}); moved to ckpt.stale.pt, starting afresh")
             ckpt_path.replace(out / "ckpt.stale.pt")
