@@ -87,10 +87,18 @@ def mauve_score(p_features: np.ndarray, q_features: np.ndarray, scaling: float =
         import mauve
     except ImportError:
         raise ConfigError("MAUVE needs the mauve-text package: pip install mauve-text") from None
+    import faiss
     k = mauve_buckets(len(p_features), len(q_features), buckets)
-    out = mauve.compute_mauve(p_features=np.asarray(p_features, dtype=np.float32),
-                              q_features=np.asarray(q_features, dtype=np.float32), num_buckets=k,
-                              mauve_scaling_factor=scaling, seed=seed, verbose=False)
+    threads = faiss.omp_get_max_threads()
+    faiss.omp_set_num_threads(1)    # k-means on a few thousand points: threads only contend on a shared CPU
+    from threadpoolctl import threadpool_limits   # (a scikit-learn dependency) the same for BLAS in the PCA
+    try:
+        with threadpool_limits(1):
+            out = mauve.compute_mauve(p_features=np.asarray(p_features, dtype=np.float32),
+                                      q_features=np.asarray(q_features, dtype=np.float32), num_buckets=k,
+                                      mauve_scaling_factor=scaling, seed=seed, verbose=False)
+    finally:
+        faiss.omp_set_num_threads(threads)
     return {"mauve": float(out.mauve), "mauve_buckets": int(k), "mauve_n_real": len(p_features),
             "mauve_n_gen": len(q_features)}
 
