@@ -161,6 +161,7 @@ class TextSpec:
         """The fields that decide the prepared arrays (compared with meta.json)."""
         d = asdict(self)
         d.pop("max_unk_rate")
+        d["source"] = str(Path(self.source).resolve()) if self.source else ""
         d["split"] = [float(x) for x in d["split"]]
         if self.tokenizer == "char":
             d.pop("vocab_size")
@@ -517,10 +518,13 @@ class CharTokenizer:
     def unk_id(self) -> int | None:
         return len(self.chars) if self.unk else None
 
-    def codes(self, text: str) -> np.ndarray:
-        """ids, with -1 for characters outside the vocabulary."""
-        cp = np.frombuffer(text.encode("utf-32-le"), dtype=np.uint32).astype(np.int64)
-        return np.where(cp < len(self._lut) - 1, self._lut[np.minimum(cp, len(self._lut) - 1)], -1)
+    def codes(self, text: str, piece: int = 1 << 22) -> np.ndarray:
+        """ids, with -1 for characters outside the vocabulary (in pieces: text8 is one 90M-character line)."""
+        out = np.empty(len(text), dtype=np.int64)
+        for i in range(0, len(text), piece):
+            cp = np.frombuffer(text[i:i + piece].encode("utf-32-le"), dtype=np.uint32).astype(np.int64)
+            out[i:i + piece] = np.where(cp < len(self._lut) - 1, self._lut[np.minimum(cp, len(self._lut) - 1)], -1)
+        return out
 
     def encode(self, text: str) -> np.ndarray:
         ids = self.codes(text)

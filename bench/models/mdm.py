@@ -1,7 +1,7 @@
 """A DiT-style transformer over tokens for masked diffusion (MD4/MDLM/SEDD's "DiT" backbone).
 
   tokens z_t (N, L), with [MASK] = id vocab_size
-    → stem:   token embedding + learned position embedding
+    → stem:   token embedding (positions enter as rotary embeddings in attention, as SEDD/MDLM)
     → layers: bidirectional pre-LN transformer layers, each modulated by t through adaLN-Zero
               (shift/scale/gate per branch, zero-initialised, so every layer starts as the identity)
     → head:   LayerNorm, adaLN shift/scale, linear to vocab_size logits (zero-initialised, so the
@@ -26,7 +26,7 @@ from torch.utils.checkpoint import checkpoint
 @dataclass
 class MDMConfig:
     vocab_size: int = 0           # data tokens (without [MASK]); 0: the prepared data's vocabulary size
-    seq_len: int = 256            # the longest sequence (size of the position table)
+    seq_len: int = 256            # the longest sequence the task may give
     hidden: int = 768
     depth: int = 12
     heads: int = 12
@@ -66,8 +66,21 @@ class TimeEmbedder(nn.Module):
         return self.mlp(torch.cat([torch.cos(args), torch.sin(args)], dim=-1))
 
 
+def rotary(x: torch.Tensor, base: float = 10000.0) -> torch.Tensor:
+    """Rotary position embedding (RoPE) of q or k, (N, heads, T, head_dim): pairs of channels are
+    rotated by position-dependent angles, so q·k depends on the tokens' *relative* position.  The
+    masked-diffusion DiTs (SEDD, MDLM) use it: with learned absolute positions a small model takes
+    long to learn to read its neighbours, and stays near the unigram entropy meanwhile."""
+    T, D = x.shape[-2], x.shape[-1]
+    freqs = base ** (-torch.arange(0, D, 2, device=x.device, dtype=torch.float32) / D)
+    angles = torch.arange(T, device=x.device, dtype=torch.float32)[:, None] * freqs[None]   # (T, D/2)
+    cos, sin = angles.cos().to(x.dtype), angles.sin().to(x.dtype)
+    x1, x2 = x[..., 0::2], x[..., 1::2]
+    return torch.stack([x1 * cos - x2 * sin, x1 * sin + x2 * cos], dim=-1).flatten(-2)
+
+
 class Attention(nn.Module):
-    """Bidirectional multi-head self-attention (every token sees every token)."""
+    """Bidirectional multi-head self-attention (every token sees every token) with RoPE."""
 
     def __init__(self, dim: int, heads: int, dropout: float):
         super().__init__()
@@ -79,7 +92,7 @@ class Attention(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         N, T, C = x.shape
         q, k, v = self.qkv(x).view(N, T, 3, self.heads, C // self.heads).permute(2, 0, 3, 1, 4)
-        y = F.scaled_dot_product_attention(q, k, v)
+        y = F.scaled_dot_product_attention(rotary(q), rotary(k), v)
         return self.drop(self.proj(y.transpose(1, 2).reshape(N, T, C)))
 
 
@@ -124,8 +137,7 @@ class MDM(nn.Module):
         d = cfg.hidden
         self.grad_checkpointing = False
         # stem: shared by every block
-        self.tok_embed = nn.Embedding(cfg.vocab_size + 1, d)          # + [MASK]
-        self.pos_embed = nn.Parameter(torch.zeros(1, cfg.seq_len, d))
+        self.tok_embed = nn.Embedding(cfg.vocab_size + 1, d)          # + [MASK]; positions: RoPE in attention
         self.embed_drop = nn.Dropout(cfg.dropout)
         self.time_embed = TimeEmbedder(cfg.cond_dim)
         # residual layers: the only part split into blocks
@@ -142,7 +154,6 @@ class MDM(nn.Module):
                 nn.init.trunc_normal_(m.weight, std=0.02)
                 nn.init.zeros_(m.bias)
         nn.init.normal_(self.tok_embed.weight, std=0.02)
-        nn.init.trunc_normal_(self.pos_embed, std=0.02)
         for layer in self.layers:  # adaLN-Zero: every layer starts as the identity
             nn.init.zeros_(layer.adaLN.weight)
             nn.init.zeros_(layer.adaLN.bias)
@@ -152,7 +163,7 @@ class MDM(nn.Module):
 
     # ---- stem / layers / head -------------------------------------------------------------
     def stem(self, z: torch.Tensor) -> torch.Tensor:
-        return self.embed_drop(self.tok_embed(z) + self.pos_embed[:, :z.shape[1]])
+        return self.embed_drop(self.tok_embed(z))
 
     def condition(self, t: torch.Tensor) -> torch.Tensor:
         return F.silu(self.time_embed(t))
@@ -172,6 +183,6 @@ class MDM(nn.Module):
     def forward(self, z: torch.Tensor, t: torch.Tensor, layers: range | None = None) -> torch.Tensor:
         """Logits (N, L, vocab_size) of the clean tokens given z_t and t (N,), through `layers`
         (default: all)."""
-        cond = self.condition(t.to(self.pos_embed.device, torch.float32))
+        cond = self.condition(t.to(self.tok_embed.weight.device, torch.float32))
         layers = range(len(self.layers)) if layers is None else layers
         return self.head(self.run_layers(self.stem(z), layers, cond), cond)

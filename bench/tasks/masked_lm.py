@@ -42,7 +42,7 @@ from bench.diffusion.masking import (MASKING_STRATEGIES, MaskingSchedule, make_m
                                      masked_ce_sum, mc_mean_stderr, md4_nelbo, sample_masked)
 from bench.tasks.base import Task
 
-_EDM_ONLY = ("P_mean", "P_std", "sigma_min", "sigma_max", "sigma_data", "inference_steps")
+_EDM_ONLY = ("P_mean", "P_std", "sigma_min", "sigma_max", "sigma_data", "inference_steps", "sample_sigma_max")
 
 
 @dataclass
@@ -81,7 +81,7 @@ class MaskedLMTask(Task):
             raise ConfigError(f"masked_lm: diffusion.weighting is lambda (the MD4 ELBO weight) or uniform, "
                               f"got {d.weighting!r}")
         for key in _EDM_ONLY:
-            if getattr(d, key) != getattr(DiffusionConfig, key):
+            if hasattr(DiffusionConfig, key) and getattr(d, key) != getattr(DiffusionConfig, key):
                 raise ConfigError(f"masked_lm has no σ: diffusion.{key} does not apply (masking schedule: model.schedule)")
         if d.partition == "explicit":
             make_masking_partition(d.num_blocks, "explicit", d.gamma, MaskingSchedule(m.schedule), d.sigma_edges)
