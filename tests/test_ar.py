@@ -257,6 +257,8 @@ def test_training_evaluation_compute_and_report(tmp_path, shakespeare_root, monk
     assert evs["dblocks"]["train_token_layer_evals@total"] == 2 * evs["e2e"]["train_token_layer_evals@total"]
     assert evs["e2e"]["infer_layer_evals@per_token"] == evs["dblocks"]["infer_layer_evals@per_token"] == 4
     assert "test_ppl@exact" in evs["e2e"] and "denoise_ppl@4draws" in evs["dblocks"]
+    assert {"gen_ppl@8steps", "distinct4@16steps", "mauve@16steps"} <= set(evs["dblocks"])   # 2B and 4B calls
+    assert not any(k.endswith("steps") for k in evs["e2e"])
     monkeypatch.chdir(tmp_path)
     md = report(params, log=lambda *_: None).read_text()
     assert "not a likelihood bound" in md and "gen_ppl dblocks / e2e" in md and "quality_vs_compute.png" in md

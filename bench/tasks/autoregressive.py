@@ -432,9 +432,29 @@ class AutoregressiveTask(Task):
                 result["inference_steps"] = len(self.inference_sigmas())
             if e.reference:
                 result["samples_file"] = str(self.write_samples(gen))
+                result.update(self.more_steps_variants(model, device))
             _log_final(self.cfg.suite, self.cfg.arm, result)
         model.train(was_training)
         return result
+
+    def more_steps_variants(self, model, device) -> dict:
+        """DiffusionBlocks AR only: the same prompts (one continuation each) sampled with 2B and 4B
+        denoiser calls per token, to show how the step count trades gen_ppl against diversity."""
+        if not self.cfg.is_dblocks or self.name != "autoregressive":
+            return {}
+        d, e, out = self.cfg.diffusion, self.cfg.eval, {}
+        main, conts = d.inference_steps, e.continuations
+        try:
+            e.continuations = 1
+            for steps in (2 * self.partition.num_blocks, 4 * self.partition.num_blocks):
+                d.inference_steps = steps
+                m = self.generation_metrics(model, device, final=True)["metrics"]
+                out.update({f"gen_ppl@{steps}steps": m["gen_ppl"], f"distinct4@{steps}steps": m["distinct4@gen"]})
+                if "mauve@ref" in m:
+                    out[f"mauve@{steps}steps"] = m["mauve@ref"]
+        finally:
+            d.inference_steps, e.continuations = main, conts
+        return out
 
     def generation_metrics(self, model, device, final: bool) -> dict:
         """Sample continuations of test prompts; gen_ppl (and, final, MAUVE and the real text's gen_ppl)."""
@@ -517,6 +537,7 @@ METRIC_DEFINITIONS = """\
 | `gen_ppl` | both | generative perplexity: exp(mean −ln p_ref(c_j given prompt, c_<j)) over the tokens of sampled continuations, under the reference LM (`eval.reference`), in the reference's tokens; lower is not always better (repetitive text scores low) |
 | `gen_ppl@data` | both | the same for the *real* continuations of the same prompts: what a perfect sampler would score |
 | `mauve@ref` | both | MAUVE (mauve-text) between the reference LM's features of the real (P) and sampled (Q) prompt+continuation texts; feature = final hidden state averaged over the continuation (`eval.mauve_features`); k-means buckets and counts in `mauve_buckets`, `mauve_n_real`, `mauve_n_gen`; scaling `eval.mauve_scaling` |
+| `gen_ppl@Nsteps`, `distinct4@Nsteps`, `mauve@Nsteps` | dblocks (AR) | the same with N = 2B and 4B denoiser calls per token, one continuation per prompt (the main figures use B calls, the paper's setting) |
 | `distinct4@gen`, `distinct4@data` | both | unique 4-grams / all 4-grams of the sampled and of the real continuations (1: no repetition) |
 | `train_layer_evals` | both | transformer-layer forward passes per training batch, summed over training (recurrent e2e: every unrolled core iteration, with and without gradient) |
 | `train_token_layer_evals` | both | the same × tokens per pass × batch size (the DiffusionBlocks AR layers see 2T tokens: clean and noisy) |
@@ -552,6 +573,8 @@ def report(params_path, log=print) -> Path:
     lm_cols = ["gen_ppl", "gen_ppl@data", "mauve@ref", "distinct4@gen", "distinct4@data", "test_ppl", "test_bpc",
                "denoise_ppl", "denoise_bpc", "train_layer_evals", "train_backward_layer_evals",
                "train_token_layer_evals", "infer_layer_evals@per_token"]
+    lm_cols += sorted({k for r in rows for k in r if k.split("@")[0] in ("gen_ppl", "distinct4", "mauve")
+                       and k.endswith("steps")})
     table = pd.DataFrame([{"arm": r["arm"], "mode": r["mode"], **{c: r.get(c, float("nan")) for c in lm_cols}}
                           for r in rows]).dropna(axis=1, how="all")
     ref_note = ""
