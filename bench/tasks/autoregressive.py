@@ -15,8 +15,8 @@ dblocks    the paper's formulation.  The target of position p is y_p = normalise
            token (model.sigma_per: token: each noisy token draws its own σ from the block's range;
            clean tokens are conditioned on σ_min, "noise-free").  The paper does not say which.
 
-Inference (dblocks): for the token at position p, z = σ_max·ε and the chain of `sample_chain` on
-the equal-probability σ grid of diffusion.inference_steps points (0 → B: one call per block), each
+Inference (dblocks): for the token at position p, z = σ_max·ε (or diffusion.sample_sigma_max) and the
+chain of `sample_chain` on the equal-probability σ grid of diffusion.inference_steps points (0 → B: one call per block), each
 step by the block that owns σ, with D̂ = softmax(logits) @ Ê (Ê: the normalised embedding table);
 the logits of the final call (at σ_min) predict the token: greedy (argmax, the paper's decoding) or
 sampled (eval.db_decoding).  e2e samples with top-p (eval.top_p, 0.95 as in the paper).
@@ -294,7 +294,10 @@ class AutoregressiveTask(Task):
 
     # ---- inference ----------------------------------------------------------------------------------------
     def inference_sigmas(self) -> torch.Tensor:
-        return sigmas_equiprobable(self.noise, self.cfg.diffusion.inference_steps or self.partition.num_blocks)
+        """The equal-probability σ grid of the chain, from diffusion.sample_sigma_max (0: σ_max) to σ_min."""
+        d = self.cfg.diffusion
+        return sigmas_equiprobable(self.noise, d.inference_steps or self.partition.num_blocks,
+                                   getattr(d, "sample_sigma_max", 0.0) or None)
 
     def chain_logits(self, model, clean, positions, generator) -> torch.Tensor:
         """Logits (N, n, V) of the tokens at `positions` from the chained blocks, given clean tokens."""
@@ -311,7 +314,7 @@ class AutoregressiveTask(Task):
             return logits.float().softmax(-1) @ E.float()
 
         eps = torch.randn((N, n, E.shape[1]), generator=generator).to(dev)
-        z = sample_chain(denoise, self.noise.sigma_max * eps, sigmas, self.partition)
+        z = sample_chain(denoise, float(sigmas[0]) * eps, sigmas, self.partition)
         last = float(sigmas[-1])
         return self.denoise_logits(model, clean, z, positions, sig(last), self.layout.layers_of(self.partition.block_of(last)))
 

@@ -109,7 +109,7 @@ class RecurrentTask(AutoregressiveTask):
 
     # ---- inference -------------------------------------------------------------------------------------------
     def inference_sigmas(self) -> torch.Tensor:
-        return sigmas_equiprobable(self.noise, self.K)
+        return sigmas_equiprobable(self.noise, self.K, getattr(self.cfg.diffusion, "sample_sigma_max", 0.0) or None)
 
     def _sig(self, s: float, N: int, T: int, device):
         return torch.full((N, T) if self.sigma_per == "token" else (N,), s, device=device)
@@ -135,7 +135,7 @@ class RecurrentTask(AutoregressiveTask):
             return D if y_known is None else D[:, -1:]
 
         sigmas = self.inference_sigmas()
-        z0 = self.noise.sigma_max * (eps if y_known is None else eps[:, -1:])
+        z0 = float(sigmas[0]) * (eps if y_known is None else eps[:, -1:])
         z = sample_chain(denoise, z0, sigmas, self.full_range)
         last = float(sigmas[-1])
         return self.recurrent_logits(model, e, rope, full(z, last), self._sig(last, N, T, tokens.device))
