@@ -122,8 +122,13 @@ def make_optimizer(cfg: RunConfig, task: Task, model, device, budget: "Budget") 
 
 # ---- checkpoints ------------------------------------------------------------------------------
 # settings that do not change what is trained: a checkpoint made under other values still resumes
-RESUME_IGNORED = {"train.log_every", "train.ckpt_every", "train.device", "train.threads", "eval.batch_size",
-                  "eval.final_variants", "out_dir", "arm"}
+RESUME_IGNORED = {"train.log_every", "train.ckpt_every", "train.device", "train.threads", "out_dir", "arm"}
+
+
+def _resume_ignored(key: str) -> bool:
+    """Evaluation settings never change the weights: a run resumes across them (curve points
+    before and after the change were measured with the settings of their time)."""
+    return key in RESUME_IGNORED or key.startswith("eval.")
 
 
 def _field_default(cfg: RunConfig, dotted: str):
@@ -145,7 +150,7 @@ def _config_diff(old: dict, cfg: RunConfig) -> list[str]:
     fa, fb = track.flatten(old), track.flatten(cfg.to_dict())
     diff = []
     for k in set(fa) | set(fb):
-        if k in RESUME_IGNORED or fa.get(k) == fb.get(k):
+        if _resume_ignored(k) or fa.get(k) == fb.get(k):
             continue
         if k not in fa and fb[k] == _field_default(cfg, k):  # added to bench after the checkpoint
             continue
@@ -231,6 +236,7 @@ def train(cfg: RunConfig, params_path: str | Path | None = None, resume: bool | 
     try:
         while state["step"] < budget.total_steps:
             step = state["step"]
+            task.step = step
             batch = task.batch(batches.indices(step), seed=cfg.train.seed * 7919 + step, device=device)
             block = block_sampler.sample() if cfg.is_dblocks else None
             # memory is measured once per block (its first step after two warm-up steps)
@@ -264,7 +270,7 @@ def train(cfg: RunConfig, params_path: str | Path | None = None, resume: bool | 
                 state["step_times"].append(time.perf_counter() - t0)
             state["train_time"] += time.perf_counter() - t0
             state["step"] = step = step + 1
-            state["layer_evals"] += len(layers)
+            state["layer_evals"] += int(extra.get("layer_evals", len(layers)))  # a recurrence may unroll more
 
             values = {"train/loss": loss.item(), "train/ce": float(extra["ce"]), "train/grad_norm": float(grad_norm),
                       "train/lr": optimizer.lr}

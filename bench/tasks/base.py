@@ -32,6 +32,7 @@ class Task:
 
     def __init__(self, cfg: RunConfig):
         self.cfg = cfg
+        self.step = 0  # set by the trainer before each training step
         d = cfg.diffusion
         self.noise = LogNormalNoise(d.P_mean, d.P_std, d.sigma_min, d.sigma_max, d.sigma_data)
         self.partition = self.make_partition(d.num_blocks, d.gamma)
@@ -72,7 +73,10 @@ class Task:
 
     def loss(self, model, batch, *, sigma: torch.Tensor | None, layers: range,
              generator: torch.Generator) -> tuple[torch.Tensor, dict]:
-        """Loss of one batch; sigma None only for a plain (non-denoiser) e2e model."""
+        """Loss of one batch; sigma None only for a plain (non-denoiser) e2e model.  The dict may
+        carry "layer_evals": the layer evaluations this step really made, when that is not
+        len(layers) (a recurrence unrolled r times); the trainer counts compute with it.
+        `self.step` holds the trainer's current step."""
         raise NotImplementedError
 
     def evaluate(self, model, device: torch.device, final: bool = False) -> dict:
