@@ -148,7 +148,6 @@ class AutoregressiveTask(Task):
         e = cfg.eval
         self.metric = "gen_ppl" if e.reference else ("denoise_ppl" if cfg.is_dblocks else "test_ppl")
         self._reference = None
-        self._step = -1
 
     # ---- data and model ---------------------------------------------------------------------------------
     @property
@@ -246,7 +245,6 @@ class AutoregressiveTask(Task):
     def batch(self, indices, seed, device):
         """Training windows of seq_len + 1 tokens; with data.random_offset all windows of a step shift by
         one offset in [0, window) drawn from the step's seed."""
-        self._step = seed - self.cfg.train.seed * 7919     # the trainer's step (seed = train.seed·7919 + step)
         offset = int(np.random.default_rng(seed).integers(self.window)) if self.cfg.data.random_offset else 0
         return torch.from_numpy(windows(self.train_tokens, self.window, indices.numpy(), offset)).to(device)
 
@@ -401,10 +399,10 @@ class AutoregressiveTask(Task):
                 "train_token_layer_evals": evals * per_pass * self.cfg.train.batch_size}
 
     def _steps_done(self, final: bool) -> int:
-        if final or self._step < 0:
+        if final:
             from bench.train import make_budget
             return make_budget(self.cfg, self.num_train).total_steps
-        return self._step + 1
+        return self.step + 1  # evaluated during training, after the trainer's current step
 
     @torch.no_grad()
     def evaluate(self, model, device, final: bool = False) -> dict:

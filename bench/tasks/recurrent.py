@@ -21,10 +21,11 @@ Inference with K iterations (eval.recurrence; 0 → model.mean_recurrence):
            current iterates); in generation the earlier positions, whose next tokens are known,
            hold noisy copies y + σ_k·ε of them, as in training, and only the new position is iterated.
 
-Compute: the trainer counts 2 + 4 + 2 layers per step for both arms; the e2e recurrence really
-evaluates prelude + core·r + coda layers per step, which `train_layer_evals` (in every evaluation,
-hence in history.csv) counts by replaying the seeded draws of r; `train_backward_layer_evals`
-counts the layers that are also back-propagated (prelude + core·min(r, bptt) + coda).
+Compute: the e2e recurrence evaluates prelude + core·r + coda layers per step; the loss reports
+that count to the trainer (its layer_evals and learning curve use it), and `train_layer_evals`
+(in every evaluation, hence in history.csv) recounts it by replaying the seeded draws of r;
+`train_backward_layer_evals` counts the layers that are also back-propagated
+(prelude + core·min(r, bptt) + coda).
 """
 
 from __future__ import annotations
@@ -86,10 +87,11 @@ class RecurrentTask(AutoregressiveTask):
         clean, target = x[:, :-1], x[:, 1:]
         N, T = target.shape
         if sigma is None:                              # e2e: the truncated-BPTT recurrence
-            r = self.step_recurrence(self._step)
+            r = self.step_recurrence(self.step)
             s0 = torch.randn((N, T, self.mcfg.hidden), generator=generator).to(x.device) * self.mcfg.state_std
             ce = M.token_nll(model(clean, r, s0, bptt=self.mcfg.bptt), target).mean()
-            return ce, {"ce": ce.detach()}
+            m = self.mcfg  # the trainer counts compute with the layers this recurrence really ran
+            return ce, {"ce": ce.detach(), "layer_evals": m.prelude + m.core * r + m.coda}
         if self.sigma_per == "token":
             more = self.partition.sample_training_sigma(0, N * (T - 1), generator)
             sigma = torch.cat([sigma[:, None], more.view(N, T - 1)], dim=1)
