@@ -13,6 +13,10 @@ API (what a task or a CLI command uses)
     windows(tokens, seq_len, indices, offset)    # (n, seq_len) int64 array of non-overlapping windows
     num_windows(n_tokens, seq_len, offset_room)  # how many such windows fit
     read_text_file(path) / read_text_source(p)   # strict UTF-8; TextFileError names the file and byte offset
+    cli_data(...) / spec_from_params(params)     # `bench data …`; `bench data text --params P` = P's data section
+Errors a user can cause are one line: DatasetMissing (a source or prepared directory is absent or
+stale: where we looked, how to provide it) and TextFileError (empty or non-UTF-8 input, bad split,
+too many unknown characters), both raised before any compute.
 
 Sources, in this order of use
 -----------------------------
@@ -53,8 +57,13 @@ Tokenisation
 
 On disk: <root>/text/<dataset>_<tokenizer>/{meta.json, vocab.json | tokenizer.json, train.bin,
 val.bin, test.bin}; the .bin files are raw little-endian arrays (nanoGPT's format) read with
-np.memmap.  The directory is written atomically and is the output of a suite's DVC `data` stage.
-BPC needs characters, not tokens: `chars_per_token(split)` converts bits per token to bits per character.
+np.memmap.  Documents are joined with a newline between them.  The directory is written atomically
+and is the output of a suite's DVC `data` stage (`bench data text --params …`); DVC allows one stage
+per output path, so a second suite on the same corpus either lists the directory as a dependency
+or prepares its own copy under another data.root (the AR suites use data/lm).
+BPC needs characters, not tokens: `chars_per_token(split)` converts bits per token to bits per
+character.  An <unk> character counts as one symbol, so a BPC over text with unknowns is slightly
+optimistic; the rate is in meta.json.
 """
 
 from __future__ import annotations

@@ -27,12 +27,12 @@ from __future__ import annotations
 
 import json
 import math
+import re
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 
 from bench import atomic, track
 from bench.config import ConfigError, DiffusionConfig, EvalConfig, model_config
@@ -242,8 +242,10 @@ class MaskedLMTask(Task):
                 lo, hi = self.partition.interval(b)
                 inside = (ts >= lo) & ((ts < hi) | (hi == 1.0))
                 result[f"test_bpc@t{lo:.2f}-{hi:.2f}"] = float((table * inside).mean()) * to_bpc
-            if e.samples:
-                result["samples_file"] = str(self.write_samples(model, device))
+            samples = self.write_samples(model, device) if e.samples else None
+            if samples:
+                result["samples_file"] = str(samples)
+            _log_to_arm_run(self.cfg.suite, self.cfg.arm, result, samples.read_text() if samples else None)
         model.train(was_training)
         return result
 
@@ -275,13 +277,12 @@ class MaskedLMTask(Task):
             md += [f"## Passage {i + 1}\n", "```text", text, "```\n"]
         text = "\n".join(md)
         atomic.write_text(Path(self.cfg.out_dir) / "samples.md", text)
-        path = atomic.write_text(Path(e.samples_dir) / self.cfg.suite / f"samples_{self.cfg.arm}.md", text)
-        _log_to_arm_run(self.cfg.suite, self.cfg.arm, text)
-        return path
+        return atomic.write_text(Path(e.samples_dir) / self.cfg.suite / f"samples_{self.cfg.arm}.md", text)
 
 
-def _log_to_arm_run(suite: str, arm: str, samples: str) -> None:
-    """Attach the samples to the arm's latest MLflow run (the one its training created)."""
+def _log_to_arm_run(suite: str, arm: str, result: dict, samples: str | None) -> None:
+    """Log the final evaluation (as final/<key>) and the samples to the arm's latest MLflow run,
+    the one its training created."""
     if not track.enabled():
         return
     mlflow = track._mlflow()
@@ -290,5 +291,11 @@ def _log_to_arm_run(suite: str, arm: str, samples: str) -> None:
         return
     runs = mlflow.search_runs([exp.experiment_id], filter_string=f"tags.`bench.arm` = '{arm}'",
                               order_by=["attributes.start_time DESC"], max_results=1, output_format="list")
-    if runs:
-        mlflow.MlflowClient().log_text(runs[0].info.run_id, samples, "samples.md")
+    if not runs:
+        return
+    client, run_id = mlflow.MlflowClient(), runs[0].info.run_id
+    for key, value in result.items():
+        if isinstance(value, (int, float)) and not isinstance(value, bool):   # MLflow keys allow no '@'
+            client.log_metric(run_id, "final/" + re.sub(r"[^\w\-. /]", "_", key), float(value))
+    if samples:
+        client.log_text(run_id, samples, "samples.md")
