@@ -198,7 +198,10 @@ def train(cfg: RunConfig, params_path: str | Path | None = None, resume: bool | 
     if ckpt is not None:
         with optimizer.materialize():
             model.load_state_dict(ckpt["model"])
-        optimizer.load_state_dict(ckpt["optimizer"])
+        opt_state = ckpt["optimizer"]
+        if "residency" not in opt_state:  # a checkpoint from before per-block optimizers: one AdamW
+            opt_state = {"residency": "resident", "optimizers": [opt_state], "schedulers": [ckpt["scheduler"]]}
+        optimizer.load_state_dict(opt_state)
         block_sampler.load_state_dict(ckpt["block_sampler"])
         noise_gen.set_state(ckpt["noise_rng"])
         torch.set_rng_state(ckpt["torch_rng"])
