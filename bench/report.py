@@ -119,8 +119,9 @@ def compare(params_path: str | Path, results_dir: str | Path | None = None, note
           "## Final figures (matched training compute)\n",
           _markdown_table(table.drop(columns=["device", "git_sha"])),
           f"\nColumns: `{metric}` from the final evaluation (`bench evaluate`); columns with `@` are the same metric "
-          "with another inference setting (for classification, `@Nsteps`: N σ points; the default is B, one call per "
-          "block, and the paper's App. E.1 says B+1); `gap_to_e2e` is the difference to the e2e arm (in percentage "
+          "with another inference setting (for classification: `steps` σ points — the default is B, one call per block, "
+          "the paper's App. E.1 says B+1 — `draws` inference noises averaged, `sigma_start` where the chain starts); "
+          "`gap_to_e2e` is the difference to the e2e arm (in percentage "
           "points for accuracies); `layer_evals` counts transformer-layer forward passes per batch over training (the compute "
           "budget: every arm gets the same); `epochs_equiv` = layer_evals / (steps per epoch × depth); memory is the "
           "measured peak of live tensor bytes during one training step (largest over blocks), by component, "
