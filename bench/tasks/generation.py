@@ -69,6 +69,25 @@ class GenerationEvalConfig(EvalConfig):
     kid_subset_size: int = 1000
     kid_subsets: int = 100
     grid_columns: int = 8            # sample grid: one row per class, this many seeds per row
+    # the final evaluation also reports the test FID under these eval settings, each a
+    # comma-separated list of key=value, e.g. "grid_dblocks=karras" (columns fid_test@…)
+    final_variants: list = field(default_factory=list)
+
+
+VARIANT_KEYS = ("cfg_scale", "steps", "grid_dblocks", "grid_e2e", "rho")
+
+
+def variant_eval(e: "GenerationEvalConfig", text: str) -> "GenerationEvalConfig":
+    """eval settings with a final variant ("grid_dblocks=karras,steps=50") applied."""
+    import dataclasses
+    from bench.config import _coerce
+    changes = {}
+    for item in str(text).split(","):
+        key, _, value = item.strip().partition("=")
+        if key not in VARIANT_KEYS or not value:
+            raise ConfigError(f"eval.final_variants: cannot read {text!r}; use key=value with keys {', '.join(VARIANT_KEYS)}")
+        changes[key] = _coerce("eval", key, value, getattr(e, key))
+    return dataclasses.replace(e, **changes)
 
 
 class GenerationTask(Task):
@@ -104,6 +123,10 @@ class GenerationTask(Task):
             raise ConfigError(f"eval.fid_n={e.fid_n} is larger than the {e.samples} images generated (eval.samples)")
         if e.fid_repeats < 1:
             raise ConfigError(f"eval.fid_repeats must be >= 1, got {e.fid_repeats}")
+        for v in e.final_variants:
+            ve = variant_eval(e, v)
+            if ve.grid_dblocks not in GRIDS or ve.grid_e2e not in GRIDS or ve.steps < 1 or ve.cfg_scale < 0:
+                raise ConfigError(f"eval.final_variants: {v!r} gives an invalid setting")
         bad = [s for s in e.fid_splits if s not in ("train", "test")]
         if bad or not e.fid_splits or "test" not in e.fid_splits:
             raise ConfigError(f"eval.fid_splits must include 'test' and may add 'train', got {e.fid_splits}")
@@ -320,6 +343,17 @@ class GenerationTask(Task):
                       "steps": e.steps, "cfg_scale": e.cfg_scale,
                       "layer_evals_per_image": self.layer_evals_per_sample()}
             result.update(self.sampling_cost(model, device))
+            base = self.cfg.eval
+            unused = "grid_e2e" if self.cfg.is_dblocks else "grid_dblocks"  # the other arm's sampler grid
+            for text in e.final_variants:   # the same weights, another sampler setting
+                changed = {k for k in VARIANT_KEYS if getattr(variant_eval(base, text), k) != getattr(base, k)}
+                if not changed - {unused}:
+                    continue
+                self.cfg.eval = variant_eval(base, text)
+                try:
+                    result[f"fid_test@{text}"] = self.fid_scores(model, device, e.fid_n, e.fid_repeats, ["test"])["fid_test"]
+                finally:
+                    self.cfg.eval = base
             path = self.save_grid(model, device, Path(self.cfg.out_dir) / "samples.png")
             result["samples_png"] = str(path)
             return result
