@@ -8,7 +8,7 @@ from pathlib import Path
 
 import torch
 
-from bench import atomic
+from bench import atomic, track
 from bench.config import RunConfig
 from bench.tasks import make_task
 from bench.train import build_model, resolve_device
@@ -30,4 +30,5 @@ def evaluate_arm(cfg: RunConfig, log=print) -> dict:
     result = {"arm": cfg.arm, "mode": cfg.mode, "metric": task.metric, **task.evaluate(model, device, final=True)}
     log(f"{cfg.suite}/{cfg.arm}: " + ", ".join(f"{k} {v:.4f}" for k, v in result.items() if isinstance(v, float)))
     atomic.write_json(out / "eval.json", result)
+    track.log_final(cfg.suite, cfg.arm, metrics=result)   # on the arm's MLflow run, as final/<key>
     return result

@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import datetime as dt
 import json
-import shutil
 import statistics
 import time
 from pathlib import Path

@@ -215,7 +215,6 @@ def run_sweep(params_path: str | Path, study_name: str | None = None, trials: in
 
 
 def write_outputs(study, suite: str, objectives: list[str], directions: list[str], raw: dict, params_path) -> Path:
-    import optuna
     from optuna.trial import TrialState
     out = Path(raw.get("results_dir") or "results") / suite
     rows = []

@@ -10,8 +10,10 @@ from __future__ import annotations
 
 import hashlib
 import logging
+import math
 import os
 import platform
+import re
 import subprocess
 import time
 from pathlib import Path
@@ -149,3 +151,27 @@ def log_suite_artifacts(suite: str, params_path: str | Path, files: list[Path], 
             client.log_artifact(pid, str(f))
     for k, v in (metrics or {}).items():
         client.log_metric(pid, k, float(v))
+
+
+def log_final(suite: str, arm: str, metrics: dict | None = None, texts: dict | None = None, files=()) -> None:
+    """Attach a final evaluation to the arm's latest run (the one its training created): numbers
+    as `final/<key>` metrics (MLflow keys allow no '@': it becomes `_at_`), texts and files as
+    artifacts.  Nothing happens when tracking is off or the arm was never tracked."""
+    if not enabled():
+        return
+    mlflow = _mlflow()
+    exp = mlflow.get_experiment_by_name(suite)
+    runs = [] if exp is None else mlflow.search_runs(
+        [exp.experiment_id], filter_string=f"tags.`bench.arm` = '{arm}'",
+        order_by=["attributes.start_time DESC"], max_results=1, output_format="list")
+    if not runs:
+        return
+    client, run_id = mlflow.MlflowClient(), runs[0].info.run_id
+    for key, value in (metrics or {}).items():
+        if isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value):
+            client.log_metric(run_id, "final/" + re.sub(r"[^\w\-. /]", "_", key.replace("@", "_at_")), float(value))
+    for name, text in (texts or {}).items():
+        client.log_text(run_id, text, name)
+    for f in files:
+        if f and Path(f).exists():
+            client.log_artifact(run_id, str(f))

@@ -21,7 +21,6 @@ model knows nothing of blocks, σ ranges or training.
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 
 import torch

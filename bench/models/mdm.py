@@ -14,13 +14,14 @@ keeps it in its model, but it is read by the task, not by the model.
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
+
+from bench.models.vit import NoiseEmbedder, modulate
 
 
 @dataclass
@@ -47,23 +48,11 @@ class MDMConfig:
         return self.vocab_size
 
 
-def modulate(x: torch.Tensor, shift: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
-    return x * (1 + scale.unsqueeze(1)) + shift.unsqueeze(1)
-
-
-class TimeEmbedder(nn.Module):
-    """t ∈ [0, 1] → sinusoidal features of 1000·t (DiT's timestep range) → MLP."""
-
-    def __init__(self, dim: int, freq_dim: int = 256):
-        super().__init__()
-        self.freq_dim = freq_dim
-        self.mlp = nn.Sequential(nn.Linear(freq_dim, dim), nn.SiLU(), nn.Linear(dim, dim))
+class TimeEmbedder(NoiseEmbedder):
+    """t ∈ [0, 1] → the σ embedder's sinusoidal features of 1000·t (DiT's timestep range) → MLP."""
 
     def forward(self, t: torch.Tensor) -> torch.Tensor:
-        half = self.freq_dim // 2
-        freqs = torch.exp(-math.log(10000.0) * torch.arange(half, device=t.device, dtype=torch.float32) / half)
-        args = 1000.0 * t.float()[:, None] * freqs[None]
-        return self.mlp(torch.cat([torch.cos(args), torch.sin(args)], dim=-1))
+        return super().forward(1000.0 * t.float())
 
 
 def rotary(x: torch.Tensor, base: float = 10000.0) -> torch.Tensor:

@@ -37,7 +37,6 @@ tokens, so `train_token_layer_evals` is also given) and per generated token.
 from __future__ import annotations
 
 import json
-import math
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -434,7 +433,8 @@ class AutoregressiveTask(Task):
             if e.reference:
                 result["samples_file"] = str(self.write_samples(gen))
                 result.update(self.more_steps_variants(model, device))
-            _log_final(self.cfg.suite, self.cfg.arm, result)
+            track.log_final(self.cfg.suite, self.cfg.arm, texts={"metric_definitions.md": METRIC_DEFINITIONS},
+                            files=[result.get("samples_file")])
         model.train(was_training)
         return result
 
@@ -507,27 +507,6 @@ class AutoregressiveTask(Task):
         text = "\n".join(md)
         atomic.write_text(Path(self.cfg.out_dir) / "samples.md", text)
         return atomic.write_text(Path(e.samples_dir) / self.cfg.suite / f"samples_{self.cfg.arm}.md", text)
-
-
-# ---- MLflow: the final evaluation and the metric definitions on the arm's run ---------------------------------
-def _log_final(suite: str, arm: str, result: dict) -> None:
-    if not track.enabled():
-        return
-    mlflow = track._mlflow()
-    exp = mlflow.get_experiment_by_name(suite)
-    if exp is None:
-        return
-    runs = mlflow.search_runs([exp.experiment_id], filter_string=f"tags.`bench.arm` = '{arm}'",
-                              order_by=["attributes.start_time DESC"], max_results=1, output_format="list")
-    if not runs:
-        return
-    client, rid = mlflow.MlflowClient(), runs[0].info.run_id
-    for k, v in result.items():
-        if isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v):
-            client.log_metric(rid, "final/" + k.replace("@", "_at_"), float(v))
-    client.log_text(rid, METRIC_DEFINITIONS, "metric_definitions.md")
-    if result.get("samples_file") and Path(result["samples_file"]).exists():
-        client.log_artifact(rid, result["samples_file"])
 
 
 METRIC_DEFINITIONS = """\

@@ -30,7 +30,7 @@ import torch
 
 from bench.blocks import BlockLayout
 from bench.config import ConfigError, DataConfig, EvalConfig, model_config
-from bench.data.images import DatasetMissing, SHAPES, check_dataset, load_dataset
+from bench.data.images import SHAPES, check_dataset, load_dataset
 from bench.diffusion import GRIDS, c_noise, denoised, make_sigmas, sample_chain, scale_input, weighted_loss
 from bench.metrics import fid as fidlib
 from bench.tasks.base import Task

@@ -27,7 +27,6 @@ from __future__ import annotations
 
 import json
 import math
-import re
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -245,7 +244,7 @@ class MaskedLMTask(Task):
             samples = self.write_samples(model, device) if e.samples else None
             if samples:
                 result["samples_file"] = str(samples)
-            _log_to_arm_run(self.cfg.suite, self.cfg.arm, result, samples.read_text() if samples else None)
+            track.log_final(self.cfg.suite, self.cfg.arm, texts={"samples.md": samples.read_text()} if samples else None)
         model.train(was_training)
         return result
 
@@ -278,24 +277,3 @@ class MaskedLMTask(Task):
         text = "\n".join(md)
         atomic.write_text(Path(self.cfg.out_dir) / "samples.md", text)
         return atomic.write_text(Path(e.samples_dir) / self.cfg.suite / f"samples_{self.cfg.arm}.md", text)
-
-
-def _log_to_arm_run(suite: str, arm: str, result: dict, samples: str | None) -> None:
-    """Log the final evaluation (as final/<key>) and the samples to the arm's latest MLflow run,
-    the one its training created."""
-    if not track.enabled():
-        return
-    mlflow = track._mlflow()
-    exp = mlflow.get_experiment_by_name(suite)
-    if exp is None:
-        return
-    runs = mlflow.search_runs([exp.experiment_id], filter_string=f"tags.`bench.arm` = '{arm}'",
-                              order_by=["attributes.start_time DESC"], max_results=1, output_format="list")
-    if not runs:
-        return
-    client, run_id = mlflow.MlflowClient(), runs[0].info.run_id
-    for key, value in result.items():
-        if isinstance(value, (int, float)) and not isinstance(value, bool):   # MLflow keys allow no '@'
-            client.log_metric(run_id, "final/" + re.sub(r"[^\w\-. /]", "_", key), float(value))
-    if samples:
-        client.log_text(run_id, samples, "samples.md")
