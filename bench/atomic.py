@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import tempfile
@@ -46,3 +47,18 @@ def torch_save(path, obj) -> Path:
 def write_csv(path, frame) -> Path:
     """A pandas DataFrame as CSV."""
     return write_text(path, frame.to_csv(index=False))
+
+
+def save_figure(path, fig, dpi: int = 120) -> Path:
+    """A matplotlib figure as PNG; the figure is closed."""
+    import matplotlib.pyplot as plt
+    try:
+        return _replace(path, lambda f: fig.savefig(f, format="png", dpi=dpi))
+    finally:
+        plt.close(fig)
+
+
+def file_digest(path, algorithm: str = "sha256") -> str:
+    """Hex digest of a file's content, read in 1 MiB chunks."""
+    with open(path, "rb") as f:
+        return hashlib.file_digest(f, algorithm).hexdigest()

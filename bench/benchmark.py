@@ -188,11 +188,7 @@ def plot_memory(df: pd.DataFrame, path: Path, name: str) -> Path:
     axes[0][-1].legend(fontsize=7)
     fig.suptitle(f"{name}: measured peak memory by component (batch {bs})", fontsize=10)
     fig.tight_layout()
-    tmp = path.with_name(f".{path.name}.tmp.png")
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(tmp, dpi=120)
-    plt.close(fig)
-    tmp.replace(path)
+    atomic.save_figure(path, fig)
     return path
 
 

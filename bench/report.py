@@ -87,11 +87,7 @@ def plot_curves(curves: dict[str, pd.DataFrame], metric: str, path: Path, title:
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8)
     fig.tight_layout()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp.png")
-    fig.savefig(tmp, dpi=120)
-    plt.close(fig)
-    tmp.replace(path)
+    atomic.save_figure(path, fig)
     return path
 
 

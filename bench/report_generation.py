@@ -49,13 +49,8 @@ def _header(title: str, device: str, sha: str) -> list[str]:
 
 
 def _save(fig, path: Path) -> Path:
-    import matplotlib.pyplot as plt
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp.png")
     fig.tight_layout()
-    fig.savefig(tmp, dpi=120)
-    plt.close(fig)
-    tmp.replace(path)
+    atomic.save_figure(path, fig)
     return path
 
 

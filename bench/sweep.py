@@ -283,11 +283,7 @@ def _plot_front(study, complete, objectives, directions, path: Path) -> None:
         ax.set_title(f"{study.study_name}: optimisation history", fontsize=9)
     ax.grid(alpha=0.3)
     fig.tight_layout()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp.png")
-    fig.savefig(tmp, dpi=120)
-    plt.close(fig)
-    tmp.replace(path)
+    atomic.save_figure(path, fig)
 
 
 def _plot_importance(study, objectives, path: Path) -> None:
@@ -307,7 +303,4 @@ def _plot_importance(study, objectives, path: Path) -> None:
         ax.set_axis_off()
     ax.set_title(f"{study.study_name}: parameter importance", fontsize=9)
     fig.tight_layout()
-    tmp = path.with_name(f".{path.name}.tmp.png")
-    fig.savefig(tmp, dpi=120)
-    plt.close(fig)
-    tmp.replace(path)
+    atomic.save_figure(path, fig)

@@ -27,6 +27,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from bench import atomic
+
 FASHION_MNIST_FILES = {  # uncompressed content: sha256, bytes
     "train-images-idx3-ubyte": ("c59f468a2f672dc815687fe0f83887768d799fd8a3f3276145d20f83aa44d888", 47040016),
     "train-labels-idx1-ubyte": ("bad3541b69d912435c50bb6ba87bec294ff4f6a2e1246121d8633921760443d9", 60008),
@@ -51,15 +53,6 @@ class DatasetMissing(RuntimeError):
 
 
 # ---- obtaining Fashion-MNIST ------------------------------------------------------------------
-def _sha256(path: Path) -> str:
-    import hashlib
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
-
-
 def _find_idx_files(directory: Path) -> dict[str, Path] | None:
     """The four IDX files in a directory (plain or .gz, possibly under FashionMNIST/raw)."""
     for d in (directory, directory / "FashionMNIST" / "raw", directory / "fashion-mnist"):
@@ -85,7 +78,7 @@ def _install_verified(found: dict[str, Path], out: Path, origin: str) -> Path:
             with opener(src, "rb") as fin, open(tmp / name, "wb") as fout:
                 shutil.copyfileobj(fin, fout)
             digest, size = FASHION_MNIST_FILES[name]
-            if (tmp / name).stat().st_size != size or _sha256(tmp / name) != digest:
+            if (tmp / name).stat().st_size != size or atomic.file_digest(tmp / name) != digest:
                 raise DatasetMissing(f"{src} (from {origin}) is not the Fashion-MNIST file {name}: "
                                      f"its content hash differs from the published one")
         if out.exists():

