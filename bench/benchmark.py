@@ -108,7 +108,11 @@ def _note(row: pd.Series, e2e: pd.Series) -> str:
 
 def memory_benchmark(params_path: str | Path, blocks: list[int], batch_sizes: list[int], modes: list[str],
                      residencies: list[str], name: str | None = None, out_dir: str | Path = "results/memory",
-                     time_steps: int = 3, budget: int | None = None, log=print) -> Path:
+                     time_steps: int = 3, budget: int | None = None, max_depth: int = 96, resume: bool = False,
+                     log=print) -> Path:
+    """Measure every (batch size, arm, B, residency) row; the CSV is rewritten after each row, so a
+    killed benchmark continues with `resume=True` (rows of the same config and depth are kept as
+    measured).  The Markdown table is written before the optional depth search and again after it."""
     base = load_config(params_path, arm_names(params_path)[0])
     name = name or base.suite
     device = resolve_device(base.train.device)
@@ -118,17 +122,26 @@ def memory_benchmark(params_path: str | Path, blocks: list[int], batch_sizes: li
     bad = [B for B in blocks if B > depth]
     if bad:
         raise ValueError(f"B={bad[0]} is larger than the model's depth ({depth})")
+    out = Path(out_dir)
+    key = ["mode", "residency", "B", "batch_size", "depth"]
+    done = {}
+    if resume and (out / f"{name}.csv").exists():
+        for r in pd.read_csv(out / f"{name}.csv").to_dict("records"):
+            done[tuple(r[k] for k in key)] = {k: v for k, v in r.items() if k not in ("mem_ratio", "speed_ratio", "note")}
     rows = []
     for bs in batch_sizes:
         for mode in modes:
             grid = [(B, r) for B in blocks for r in residencies] if mode.startswith("dblocks") else [(1, "resident")]
             for B, residency in grid:
-                cfg = variant(base, mode, B, bs, residency)
-                m = measure(cfg, device, time_steps)
-                rows.append({"config": name, "mode": mode, "residency": residency if mode.startswith("dblocks") else "-",
-                             "B": B if mode.startswith("dblocks") else 1, "batch_size": bs, "depth": depth, **m})
-                log(f"memory {name}: {mode:<13} B={rows[-1]['B']} batch {bs:<4} {rows[-1]['residency']:<9} "
-                    f"peak {m['peak_bytes'] / MiB:9.1f} MiB  step {1000 * m['median_step_s']:8.1f} ms")
+                row = {"config": name, "mode": mode, "residency": residency if mode.startswith("dblocks") else "-",
+                       "B": B if mode.startswith("dblocks") else 1, "batch_size": bs, "depth": depth}
+                kept = done.get(tuple(row[k] for k in key))
+                row.update(kept or measure(variant(base, mode, B, bs, residency), device, time_steps))
+                rows.append(row)
+                log(f"memory {name}: {mode:<13} B={row['B']} batch {bs:<4} {row['residency']:<9} "
+                    f"peak {row['peak_bytes'] / MiB:9.1f} MiB  step {1000 * row['median_step_s']:8.1f} ms"
+                    + ("  (kept from the earlier run)" if kept else ""))
+                atomic.write_csv(out / f"{name}.csv", pd.DataFrame(rows))   # progress survives a kill
     df = pd.DataFrame(rows)
     ratios, speeds, notes = [], [], []
     for _, row in df.iterrows():
@@ -141,11 +154,11 @@ def memory_benchmark(params_path: str | Path, blocks: list[int], batch_sizes: li
         row["mem_ratio"] = ratios[-1]
         notes.append(_note(row, e2e) if e2e is not None else "")
     df["mem_ratio"], df["speed_ratio"], df["note"] = ratios, speeds, notes
-    out = Path(out_dir)
     atomic.write_csv(out / f"{name}.csv", df)
     png = plot_memory(df, out / f"{name}.png", name)
-    extra = largest_trainable(base, device, budget, modes, log=log) if budget else None
-    md = render_markdown(df, name, device, params_path, extra, budget)
+    atomic.write_text(out / f"{name}.md", render_markdown(df, name, device, params_path, None, budget))
+    extra = largest_trainable(base, device, budget, modes, max_depth, log=log) if budget else None
+    md = render_markdown(df, name, device, params_path, extra, budget, max_depth)
     atomic.write_text(out / f"{name}.md", md)
     if track.enabled():
         t = track.Tracker("memory", name, None)
@@ -192,9 +205,12 @@ def plot_memory(df: pd.DataFrame, path: Path, name: str) -> Path:
     return path
 
 
-def largest_trainable(base: RunConfig, device: torch.device, budget: int, modes: list[str], log=print) -> pd.DataFrame:
+def largest_trainable(base: RunConfig, device: torch.device, budget: int, modes: list[str], max_depth: int = 96,
+                      log=print) -> pd.DataFrame:
     """The deepest model of this width each arm can train within `budget` bytes, found by
-    measuring (exponential then binary search over depth; dblocks keeps the config's B)."""
+    measuring (exponential then binary search over depth; dblocks keeps the config's B).  The
+    search stops at `max_depth` (a probe's step costs time in proportion to its depth); an arm
+    that still fits there is reported as `>= max_depth`."""
     B = base.diffusion.num_blocks
     bs = base.train.batch_size
     rows = []
@@ -208,22 +224,25 @@ def largest_trainable(base: RunConfig, device: torch.device, budget: int, modes:
             log(f"largest {mode}: depth {depth}: {m['peak_bytes'] / MiB:.0f} MiB")
             return m["peak_bytes"]
 
+        cap = max(step, max_depth // step * step)
         lo, hi = 0, step
         while peak(hi) <= budget:
-            lo, hi = hi, hi * 2
-            if hi > 4096:
+            if hi >= cap:
+                lo = hi = cap
                 break
+            lo, hi = hi, min(hi * 2, cap)
         while hi - lo > step:  # invariant: lo fits (or 0), hi does not
             mid = (lo + hi) // 2 // step * step
             if mid <= lo:
                 break
             lo, hi = (mid, hi) if peak(mid) <= budget else (lo, mid)
         rows.append({"mode": mode, "residency": residency, "B": B if mode.startswith("dblocks") else 1,
-                     "batch_size": bs, "deepest_depth": lo})
+                     "batch_size": bs, "deepest_depth": f">= {lo}" if lo == cap else lo})
     return pd.DataFrame(rows)
 
 
-def render_markdown(df: pd.DataFrame, name: str, device, params_path, extra: pd.DataFrame | None, budget) -> str:
+def render_markdown(df: pd.DataFrame, name: str, device, params_path, extra: pd.DataFrame | None, budget,
+                    max_depth: int = 96) -> str:
     from bench.report import _command, _markdown_table
     show = df.copy()
     for c in ["peak_bytes", *COMPONENTS, "host_parked_bytes"]:
@@ -249,5 +268,5 @@ def render_markdown(df: pd.DataFrame, name: str, device, params_path, extra: pd.
              _markdown_table(show[cols]), f"\n![memory by component]({name}.png)\n"]
     if extra is not None:
         lines += [f"\n## Deepest trainable model within {budget / GiB:.3g} GiB (width and batch of the config; "
-                  "found by measuring)\n", _markdown_table(extra)]
+                  f"found by measuring; the search stops at depth {max_depth})\n", _markdown_table(extra)]
     return "\n".join(lines)

@@ -131,7 +131,8 @@ def cmd_memory(a) -> None:
         if r not in RESIDENCY:
             raise ConfigError(f"unknown residency {r!r}; choose from {', '.join(RESIDENCY)}")
     md = memory_benchmark(a.params, _ints(a.blocks), _ints(a.batch_sizes), modes, residencies, name=a.name,
-                          out_dir=a.out, time_steps=a.time_steps, budget=parse_bytes(a.budget) if a.budget else None)
+                          out_dir=a.out, time_steps=a.time_steps, budget=parse_bytes(a.budget) if a.budget else None,
+                          max_depth=a.max_depth, resume=a.resume)
     print(f"wrote {md}")
 
 
@@ -230,6 +231,9 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("--residency", default="resident,offload")
     q.add_argument("--budget", default=None, help="also find the deepest model each arm trains within e.g. 2GiB")
     q.add_argument("--time-steps", type=int, default=3, help="timed steps per block (median)")
+    q.add_argument("--max-depth", type=int, default=96, help="--budget: the depth search stops here (default 96)")
+    q.add_argument("--resume", action="store_true",
+                   help="keep the rows a killed run already measured (same arm, B, residency, batch, depth)")
     q.add_argument("--name", default=None, help="results/memory/<name>.{csv,md,png} (default: the suite)")
     q.add_argument("--out", default="results/memory")
     q.set_defaults(func=cmd_memory)

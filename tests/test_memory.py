@@ -1,5 +1,6 @@
 """The memory meter, offload residency, and the shape of the memory-vs-B curve."""
 
+import pandas as pd
 import pytest
 import torch
 
@@ -109,3 +110,33 @@ def test_peak_dblocks_memory_does_not_grow_with_B(tmp_path):
     offload = measure(variant(base, "dblocks", 3, 32, "offload"), torch.device("cpu"), 0)
     resident = measure(variant(base, "dblocks", 3, 32, "resident"), torch.device("cpu"), 0)
     assert offload["parameters"] < resident["parameters"] and offload["host_parked_bytes"] > 0
+
+
+def test_killed_benchmark_resumes_and_depth_search_stops_at_its_cap(tmp_path, monkeypatch):
+    from bench import benchmark
+    monkeypatch.setenv("BENCH_MLFLOW", "0")
+    tiny_config(tmp_path)
+    params, out = tmp_path / "p.yaml", tmp_path / "mem"
+    calls = []
+    real = benchmark.measure
+
+    def counting(cfg, device, time_steps=3, first_block_only=False):
+        calls.append(cfg.mode)
+        if len(calls) == 3:
+            raise KeyboardInterrupt   # killed during the third row
+        return real(cfg, device, time_steps, first_block_only)
+
+    monkeypatch.setattr(benchmark, "measure", counting)
+    args = dict(blocks=[1, 2], batch_sizes=[8], modes=["e2e", "dblocks"], residencies=["offload"], out_dir=out,
+                time_steps=0, log=lambda *_: None)
+    with pytest.raises(KeyboardInterrupt):
+        benchmark.memory_benchmark(params, **args)
+    assert len(pd.read_csv(out / "tiny.csv")) == 2          # the rows measured before the kill are on disk
+    calls.clear()
+    monkeypatch.setattr(benchmark, "measure", real)
+    lines = []
+    benchmark.memory_benchmark(params, resume=True, budget=1 << 40, max_depth=4, **{**args, "log": lines.append})
+    df = pd.read_csv(out / "tiny.csv")
+    assert len(df) == 3 and sum("kept from the earlier run" in line for line in lines) == 2
+    md = (out / "tiny.md").read_text()
+    assert "| >= 4 |" in md            # e2e fits any depth within 1 TiB: reported as at least the cap
