@@ -169,6 +169,7 @@ def write_results_readme(out: str | Path = "results/README.md", suites_root: str
              "behave alike under the same budget, not whether the paper's figures reproduce.\n",
              "Compare arms interactively: `mlflow ui --backend-store-uri sqlite:///mlflow.db`, open the suite's "
              "experiment, expand its parent run, tick the child runs (one per arm) and press *Compare*.\n"]
+    suite_dirs = {p.parent.name for p in Path(suites_root).glob("*/params.yaml")}
     for params in sorted(Path(suites_root).glob("*/params.yaml")):
         raw = read_params(params)
         suite = str(raw.get("suite") or params.parent.name)
@@ -203,4 +204,8 @@ def write_results_readme(out: str | Path = "results/README.md", suites_root: str
         for png in sorted((Path("results") / suite).glob("*.png")):
             lines.append(f"![{suite} {png.stem}]({suite}/{png.name})\n")
         lines.append(f"Full table: [{suite}/comparison.md]({suite}/comparison.md)\n")
+        for extra in sorted(Path("results").glob(f"{suite}_*/*.md")):   # e.g. dit_fashion_ablations/ablations.md
+            if extra.parent.name in suite_dirs:
+                continue
+            lines.append(f"Also: [{extra.parent.name}/{extra.name}]({extra.parent.name}/{extra.name})\n")
     return atomic.write_text(out, "\n".join(lines))
