@@ -582,8 +582,8 @@ def report(params_path, log=print) -> Path:
                                  if r.get("samples_file")], "",
               f"Quality against counted training compute: ![quality vs compute](quality_vs_compute.png)\n",
               "The table below and `learning_curve.png` come from `bench compare`; its `layer_evals` and "
-              "`epochs_equiv` are the trainer's count (for the recurrent e2e arm one core pass per step, not the "
-              "unrolled iterations: use `train_layer_evals` above).\n"]
+              "`epochs_equiv` count forward layer passes (for the recurrent e2e arm every unrolled iteration, as "
+              "`train_layer_evals` above).\n"]
     md = compare(params_path, notes="\n".join(notes))
     _plot_quality(curves, out / "quality_vs_compute.png", suite)
     log(f"{suite}: wrote {out / 'quality_vs_compute.png'}")
