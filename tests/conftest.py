@@ -7,6 +7,17 @@ ROOT = Path(__file__).resolve().parents[1]
 os.environ.setdefault("BENCH_MLFLOW", "0")  # tests never write to the user's MLflow store
 
 
+@pytest.fixture(scope="module")
+def one_thread():
+    """One CPU thread for a test module: on a shared 2-core machine two threads oversubscribe and
+    run several times slower."""
+    import torch
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
 @pytest.fixture(scope="session")
 def fashion_root() -> Path:
     """The real Fashion-MNIST, obtained offline (Debian package) if it is not there yet."""

@@ -19,13 +19,7 @@ ROOT = Path(__file__).resolve().parents[1]
 V = 11
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """One CPU thread: on a shared 2-core machine two threads oversubscribe and run several times slower."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")   # conftest.py
 
 
 def _activate(model: torch.nn.Module, seed: int = 0) -> torch.nn.Module:
