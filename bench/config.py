@@ -83,6 +83,9 @@ class EvalConfig:
     seed: int = 1234                   # fixes the inference noise, so evaluation is deterministic
 
 
+DEFAULT_TASK = "classification"   # the task of a params file without `task:`
+
+
 @dataclass
 class RunConfig:
     suite: str
@@ -231,7 +234,7 @@ def load_config(params_path: str | Path, arm: str, overrides: list[str] | None =
     if arm not in arms:
         raise ConfigError(f"unknown arm {arm!r} in {source}; arms: {', '.join(arms) or '(none defined)'}")
     target: dict[str, Any] = {s: {} for s in SECTIONS}
-    target["mode"], target["task"] = arm, str(raw.get("task", "classification"))
+    target["mode"], target["task"] = arm, str(raw.get("task", DEFAULT_TASK))
     for section in SECTIONS:
         if section in raw:
             _apply(target, section, raw[section], source)

@@ -134,10 +134,10 @@ def _resume_ignored(key: str) -> bool:
 def _field_default(cfg: RunConfig, dotted: str):
     """The default of a params key (a key newer than a checkpoint had this value implicitly)."""
     import dataclasses
-    from bench.config import section_class
+    from bench.config import DEFAULT_TASK, section_class
     section, _, name = dotted.partition(".")
     if not name:  # a top-level key
-        return {"task": "classification"}.get(section, dataclasses.MISSING)
+        return DEFAULT_TASK if section == "task" else dataclasses.MISSING
     try:
         f = {f.name: f for f in dataclasses.fields(section_class(section, cfg.task, cfg.model["arch"]))}[name]
     except (KeyError, TypeError):

@@ -291,10 +291,12 @@ class AutoregressiveTask(Task):
 
     # ---- inference ----------------------------------------------------------------------------------------
     def inference_sigmas(self) -> torch.Tensor:
-        """The equal-probability σ grid of the chain, from diffusion.sample_sigma_max (0: σ_max) to σ_min."""
-        d = self.cfg.diffusion
-        return sigmas_equiprobable(self.noise, d.inference_steps or self.partition.num_blocks,
-                                   getattr(d, "sample_sigma_max", 0.0) or None)
+        """The equal-probability σ grid of the chain (diffusion.inference_steps points; 0: B)."""
+        return self.sigma_grid(self.cfg.diffusion.inference_steps or self.partition.num_blocks)
+
+    def sigma_grid(self, n: int) -> torch.Tensor:
+        """n equal-probability σ points from diffusion.sample_sigma_max (0: σ_max) down to σ_min."""
+        return sigmas_equiprobable(self.noise, n, self.cfg.diffusion.sample_sigma_max or None)
 
     def chain_logits(self, model, clean, positions, generator) -> torch.Tensor:
         """Logits (N, n, V) of the tokens at `positions` from the chained blocks, given clean tokens."""

@@ -36,7 +36,7 @@ import numpy as np
 import torch
 
 from bench.config import ConfigError, model_config
-from bench.diffusion import c_noise, denoised, sample_chain, scale_input, sigmas_equiprobable, weighted_loss
+from bench.diffusion import c_noise, denoised, sample_chain, scale_input, weighted_loss
 from bench.metrics import text as M
 from bench.tasks.autoregressive import AutoregressiveTask, LMEvalConfig
 
@@ -111,7 +111,7 @@ class RecurrentTask(AutoregressiveTask):
 
     # ---- inference -------------------------------------------------------------------------------------------
     def inference_sigmas(self) -> torch.Tensor:
-        return sigmas_equiprobable(self.noise, self.K, getattr(self.cfg.diffusion, "sample_sigma_max", 0.0) or None)
+        return self.sigma_grid(self.K)
 
     def _sig(self, s: float, N: int, T: int, device):
         return torch.full((N, T) if self.sigma_per == "token" else (N,), s, device=device)
