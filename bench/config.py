@@ -117,6 +117,18 @@ SECTIONS = {"data": DataConfig, "model": None, "diffusion": DiffusionConfig,
 TOP_KEYS = {"suite", "task", "arms", "runs_dir", "results_dir", "sweep", "check", "paper", *SECTIONS}
 
 
+def parse_settings(text: str, keys: tuple[str, ...]) -> dict[str, str]:
+    """One entry of eval.final_variants, "key=value,key=value" with keys from `keys` → {key: value}
+    (values as written; the task converts them)."""
+    out = {}
+    for item in str(text).split(","):
+        key, _, value = item.strip().partition("=")
+        if key not in keys or not value.strip():
+            raise ConfigError(f"eval.final_variants: cannot read {text!r}; use key=value with keys {', '.join(keys)}")
+        out[key] = value.strip()
+    return out
+
+
 def _coerce(section: str, key: str, value: Any, default: Any) -> Any:
     """Give `value` the type of the field's default; reject what cannot be converted."""
     where = f"{section}.{key}"

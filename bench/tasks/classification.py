@@ -21,7 +21,7 @@ import torch.nn.functional as F
 from dataclasses import dataclass, field
 
 from bench.blocks import BlockLayout
-from bench.config import ConfigError, DataConfig, EvalConfig, model_config
+from bench.config import ConfigError, DataConfig, EvalConfig, model_config, parse_settings
 from bench.data.images import SHAPES, augment, check_dataset, load_dataset, normalise
 from bench.diffusion import (Partition, c_noise, denoised, sample_chain, scale_input, sigmas_equiprobable,
                              weighted_loss)
@@ -45,16 +45,13 @@ VARIANT_KEYS = ("steps", "draws", "sigma_start")
 
 def parse_variant(text: str, num_blocks: int) -> dict:
     """'steps=B+1,draws=8' → {'steps': B+1, 'draws': 8}."""
-    out = {}
-    for item in str(text).split(","):
-        key, _, value = item.strip().partition("=")
-        if key not in VARIANT_KEYS or not value:
-            raise ConfigError(f"eval.final_variants: cannot read {text!r}; use {', '.join(k + '=…' for k in VARIANT_KEYS)}")
-        if key == "steps":
-            out[key] = num_blocks + 1 if value.replace(" ", "") == "B+1" else int(value)
-        else:
-            out[key] = int(value) if key == "draws" else float(value)
-    return out
+    raw = parse_settings(text, VARIANT_KEYS)
+    convert = {"steps": lambda v: num_blocks + 1 if v.replace(" ", "") == "B+1" else int(v), "draws": int,
+               "sigma_start": float}
+    try:
+        return {k: convert[k](v) for k, v in raw.items()}
+    except ValueError:
+        raise ConfigError(f"eval.final_variants: cannot read {text!r}; steps=N|B+1, draws=N, sigma_start=X") from None
 
 
 class ClassificationTask(Task):

@@ -80,13 +80,8 @@ VARIANT_KEYS = ("cfg_scale", "steps", "grid_dblocks", "grid_e2e", "rho")
 def variant_eval(e: "GenerationEvalConfig", text: str) -> "GenerationEvalConfig":
     """eval settings with a final variant ("grid_dblocks=karras,steps=50") applied."""
     import dataclasses
-    from bench.config import _coerce
-    changes = {}
-    for item in str(text).split(","):
-        key, _, value = item.strip().partition("=")
-        if key not in VARIANT_KEYS or not value:
-            raise ConfigError(f"eval.final_variants: cannot read {text!r}; use key=value with keys {', '.join(VARIANT_KEYS)}")
-        changes[key] = _coerce("eval", key, value, getattr(e, key))
+    from bench.config import _coerce, parse_settings
+    changes = {k: _coerce("eval", k, v, getattr(e, k)) for k, v in parse_settings(text, VARIANT_KEYS).items()}
     return dataclasses.replace(e, **changes)
 
 
