@@ -110,6 +110,7 @@ class AutoregressiveTask(Task):
     data_config = TextDataConfig
     eval_config = LMEvalConfig
     arch = "llama"
+    more_steps_variants_apply = True   # the final evaluation also samples with 2B and 4B calls per token
 
     @classmethod
     def validate_config(cls, cfg) -> None:
@@ -443,7 +444,7 @@ class AutoregressiveTask(Task):
     def more_steps_variants(self, model, device) -> dict:
         """DiffusionBlocks AR only: the same prompts (one continuation each) sampled with 2B and 4B
         denoiser calls per token, to show how the step count trades gen_ppl against diversity."""
-        if not self.cfg.is_dblocks or self.name != "autoregressive":
+        if not self.cfg.is_dblocks or not self.more_steps_variants_apply:
             return {}
         d, e, out = self.cfg.diffusion, self.cfg.eval, {}
         main, conts = d.inference_steps, e.continuations

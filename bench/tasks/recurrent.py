@@ -59,6 +59,7 @@ class RecurrentTask(AutoregressiveTask):
     name = "recurrent"
     arch = "recurrent"
     eval_config = RecurrentEvalConfig
+    more_steps_variants_apply = False   # its inference steps are eval.recurrence, not diffusion.inference_steps
 
     @classmethod
     def validate_config(cls, cfg) -> None:
