@@ -94,7 +94,7 @@ def cmd_prepare(a) -> None:
 
 def cmd_train(a) -> None:
     from bench.train import train
-    cfg = load_config(a.params, a.arm, a.set)
+    cfg = load_config(a.params, a.arm, a.set, seed=a.seed)
     s = train(cfg, params_path=a.params, resume="auto" if a.resume_if_compatible else a.resume,
               progress=not a.no_progress)
     print(f"{cfg.suite}/{cfg.arm}: {s['metric']} {s[s['metric']]:.4f} after {s['optimizer_steps']} steps "
@@ -103,7 +103,7 @@ def cmd_train(a) -> None:
 
 def cmd_evaluate(a) -> None:
     from bench.evaluate import evaluate_arm
-    evaluate_arm(load_config(a.params, a.arm, a.set))
+    evaluate_arm(load_config(a.params, a.arm, a.set, seed=a.seed))
 
 
 def cmd_compare(a) -> None:
@@ -210,6 +210,9 @@ def build_parser() -> argparse.ArgumentParser:
             q.add_argument("--arm", required=arm_required, action=None if arm_required else "append")
         q.add_argument("--set", action="append", default=[], metavar="SECTION.KEY=VALUE",
                        help="override a param (repeatable)")
+        if arm and arm_required:
+            q.add_argument("--seed", type=int, default=None,
+                           help="train.seed of this run, in its own directory runs/<suite>/<arm>/seed<N> (the verdict protocol)")
         q.set_defaults(func=func)
         return q
 

@@ -38,6 +38,7 @@ class DataConfig:
     root: str = "data"               # where datasets live (see `bench data --help`)
     train_subset: int = 0            # use only the first N training examples (0: all); for tests
     test_subset: int = 0             # evaluate on the first N test examples (0: all)
+    val_subset: int = 0              # score on the first N validation examples (0: all)
 
 
 @dataclass
@@ -114,7 +115,9 @@ class RunConfig:
 SECTIONS = {"data": DataConfig, "model": None, "diffusion": DiffusionConfig,
             "train": TrainConfig, "eval": EvalConfig}
 # sweep (bench.sweep), check (bench.check) and paper (bench.report) are read by their own modules
-TOP_KEYS = {"suite", "task", "arms", "runs_dir", "results_dir", "sweep", "check", "paper", *SECTIONS}
+# protocol (seeds, pairs, margin, tuning) is read by bench.protocol
+TOP_KEYS = {"suite", "task", "arms", "runs_dir", "results_dir", "sweep", "check", "paper", "protocol", *SECTIONS}
+TUNED_KEY = "tuned"   # an arm with `tuned: true` takes the overrides `bench tune` chose for it
 
 
 def parse_settings(text: str, keys: tuple[str, ...]) -> dict[str, str]:
@@ -237,8 +240,27 @@ def arm_names(params_path: str | Path) -> list[str]:
     return list((read_params(params_path).get("arms") or {}).keys())
 
 
-def load_config(params_path: str | Path, arm: str, overrides: list[str] | None = None) -> RunConfig:
-    """The validated configuration of one arm of a suite."""
+def tuned_path(raw: dict, params_path: str | Path) -> Path:
+    """results/<suite>/tuned.yaml: the settings `bench tune` chose, one mapping per tuned arm."""
+    suite = str(raw.get("suite") or Path(params_path).parent.name)
+    return Path(raw.get("results_dir") or "results") / suite / "tuned.yaml"
+
+
+def tuned_overrides(raw: dict, params_path: str | Path, arm: str) -> dict:
+    path = tuned_path(raw, params_path)
+    if not path.is_file():
+        raise ConfigError(f"arm {arm!r} is a tuned arm but {path} does not exist: run `bench tune {params_path}` first")
+    chosen = (yaml.safe_load(path.read_text()) or {}).get("arms", {})
+    if arm not in chosen:
+        raise ConfigError(f"{path} has no settings for arm {arm!r}: rerun `bench tune {params_path}`")
+    return chosen[arm]["overrides"]
+
+
+def load_config(params_path: str | Path, arm: str, overrides: list[str] | None = None,
+                seed: int | None = None, tuning: bool = False) -> RunConfig:
+    """The validated configuration of one arm of a suite.  seed: the run's train.seed, with its
+    own run directory (runs/<suite>/<arm>/seed<N>).  tuning: leave a tuned arm at its base
+    settings (what `bench tune` searches from) instead of applying the chosen ones."""
     raw = read_params(params_path)
     source = str(params_path)
     suite = str(raw.get("suite") or Path(params_path).parent.name)
@@ -250,14 +272,22 @@ def load_config(params_path: str | Path, arm: str, overrides: list[str] | None =
     for section in SECTIONS:
         if section in raw:
             _apply(target, section, raw[section], source)
-    _apply_dotted(target, arms[arm] or {}, f"{source} (arm {arm})")
+    spec = dict(arms[arm] or {})
+    if not isinstance(arms[arm] or {}, dict):
+        raise ConfigError(f"arm {arm!r} in {source} must be a mapping of section.key: value")
+    is_tuned = bool(spec.pop(TUNED_KEY, False))
+    _apply_dotted(target, spec, f"{source} (arm {arm})")
+    if is_tuned and not tuning:
+        _apply_dotted(target, tuned_overrides(raw, params_path, arm), f"{tuned_path(raw, params_path)} (arm {arm})")
     _apply_dotted(target, dict(split_override(o) for o in overrides or []), "command-line overrides")
+    if seed is not None:
+        _apply(target, "train", {"seed": seed}, "--seed")
     runs_dir = raw.get("runs_dir", "runs")
     model = {"arch": "vit", **target["model"]}
     cfg = RunConfig(
         suite=suite, arm=arm, mode=target["mode"], task=target["task"], model=model,
         **{s: section_class(s, target["task"])(**copy.deepcopy(target[s])) for s in SECTIONS if s != "model"},
-        out_dir=str(Path(runs_dir) / suite / arm),
+        out_dir=str(Path(runs_dir) / suite / arm / (f"seed{seed}" if seed is not None else "")),
     )
     validate(cfg)
     return cfg

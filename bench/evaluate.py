@@ -1,6 +1,7 @@
 """Evaluate a trained arm from its final weights with the task's full evaluation (for
 classification: accuracy with B inference steps, the official default, and with B + 1, the
-paper's App. E.1 wording, so the conflict between the two is reported, not chosen)."""
+paper's App. E.1 wording, so the conflict between the two is reported, not chosen), on the
+validation split and then on test (the final number; skipped while test is sealed)."""
 
 from __future__ import annotations
 
@@ -10,6 +11,7 @@ import torch
 
 from bench import atomic, track
 from bench.config import RunConfig
+from bench.splits import test_sealed
 from bench.tasks import make_task
 from bench.train import build_model, resolve_device
 
@@ -27,7 +29,11 @@ def evaluate_arm(cfg: RunConfig, log=print) -> dict:
     task.load()
     model = build_model(cfg, task).to(device)
     model.load_state_dict(torch.load(final, map_location=device, weights_only=False)["model"])
-    result = {"arm": cfg.arm, "mode": cfg.mode, "metric": task.metric, **task.evaluate(model, device, final=True)}
+    # validation first (what any inference-variant choice reads), then test, the published figure
+    result = {"arm": cfg.arm, "mode": cfg.mode, "seed": cfg.train.seed, "metric": task.metric,
+              "selection_metric": task.selection_metric, **task.evaluate(model, device, final=True, split="val")}
+    if not test_sealed():
+        result.update(task.evaluate(model, device, final=True, split="test"))
     log(f"{cfg.suite}/{cfg.arm}: " + ", ".join(f"{k} {v:.4f}" for k, v in result.items() if isinstance(v, float)))
     atomic.write_json(out / "eval.json", result)
     track.log_final(cfg.suite, cfg.arm, metrics=result)   # on the arm's MLflow run, as final/<key>

@@ -26,11 +26,12 @@ import torch
 import yaml
 from tqdm import tqdm
 
-from bench import atomic, track
+from bench import atomic, seeding, track
 from bench.blocks import BlockOptimizer, BlockSampler
 from bench.config import RunConfig
 from bench.data.images import EpochBatches
 from bench.memory import MemoryMeter
+from bench.splits import test_sealed
 from bench.tasks import make_task
 from bench.tasks.base import Task
 
@@ -120,6 +121,15 @@ def make_optimizer(cfg: RunConfig, task: Task, model, device, budget: "Budget") 
         lambda s: lr_factor(s, budget, cfg.train.lr, cfg.train.min_lr))
 
 
+def curve_metrics(task: Task, model, device) -> dict:
+    """A learning-curve point: validation always (what a selection may read, e.g. to prune);
+    test too, for the published curve, unless the test split is sealed (bench.splits)."""
+    metrics = task.evaluate(model, device, split="val")
+    if not test_sealed():
+        metrics.update(task.evaluate(model, device, split="test"))
+    return metrics
+
+
 # ---- checkpoints ------------------------------------------------------------------------------
 # settings that do not change what is trained: a checkpoint made under other values still resumes
 RESUME_IGNORED = {"train.log_every", "train.ckpt_every", "train.device", "train.threads", "out_dir", "arm"}
@@ -175,13 +185,14 @@ def train(cfg: RunConfig, params_path: str | Path | None = None, resume: bool | 
     device = resolve_device(cfg.train.device)
     task.load()
     budget = make_budget(cfg, task.num_train)
-    batches = EpochBatches(task.num_train, cfg.train.batch_size, cfg.train.seed)
+    seed = cfg.train.seed   # every stream below is its own child of SeedSequence(seed): bench/seeding.py
+    batches = EpochBatches(task.num_train, cfg.train.batch_size, seed)
 
-    torch.manual_seed(cfg.train.seed)
+    torch.manual_seed(seeding.stream_seed(seed, "init"))
     model = build_model(cfg, task).to(device)
     optimizer = make_optimizer(cfg, task, model, device, budget)
-    block_sampler = BlockSampler(cfg.diffusion.num_blocks, cfg.train.seed + 1)
-    noise_gen = torch.Generator().manual_seed(cfg.train.seed + 2)   # σ and ε draws
+    block_sampler = BlockSampler(cfg.diffusion.num_blocks, seeding.stream_seed(seed, "block"))
+    noise_gen = seeding.generator(seed, "noise")   # σ and ε draws
 
     state = {"step": 0, "layer_evals": 0, "train_time": 0.0, "history": [], "log": [], "step_times": [],
              "memory": {}, "mlflow_run_id": None}
@@ -240,7 +251,7 @@ def train(cfg: RunConfig, params_path: str | Path | None = None, resume: bool | 
         while state["step"] < budget.total_steps:
             step = state["step"]
             task.step = step
-            batch = task.batch(batches.indices(step), seed=cfg.train.seed * 7919 + step, device=device)
+            batch = task.batch(batches.indices(step), seed=seeding.stream_seed(seed, "augment", step), device=device)
             block = block_sampler.sample() if cfg.is_dblocks else None
             # memory is measured once per block (its first step after two warm-up steps)
             meter_key = "all" if block is None else f"block{block}"
@@ -292,14 +303,14 @@ def train(cfg: RunConfig, params_path: str | Path | None = None, resume: bool | 
                 bar.set_postfix(loss=f"{row['train/loss']:.3g}")
             if step in evals_at:
                 with optimizer.materialize():
-                    metrics = task.evaluate(model, device)
+                    metrics = curve_metrics(task, model, device)
                 point = {"step": step, "layer_evals": state["layer_evals"],
                          "epochs_equiv": state["layer_evals"] / (budget.steps_per_epoch * task.layout.depth),
                          "train_time_s": state["train_time"], **metrics}
                 state["history"].append(point)
                 tracker.log_metrics({f"eval/{k}": v for k, v in metrics.items()}, step=step)
-                bar.write(f"{cfg.suite}/{cfg.arm} step {step}/{budget.total_steps}: "
-                          f"{task.metric} {metrics[task.metric]:.4f}")
+                shown = task.metric if task.metric in metrics else task.selection_metric
+                bar.write(f"{cfg.suite}/{cfg.arm} step {step}/{budget.total_steps}: {shown} {metrics[shown]:.4f}")
                 if on_eval is not None:
                     on_eval(step, metrics)
             if step % cfg.train.ckpt_every == 0 or step == budget.total_steps:
@@ -320,7 +331,7 @@ def train(cfg: RunConfig, params_path: str | Path | None = None, resume: bool | 
     times = state["step_times"]
     summary = {
         "suite": cfg.suite, "arm": cfg.arm, "mode": cfg.mode, "num_blocks": cfg.diffusion.num_blocks if cfg.is_dblocks else 1,
-        "metric": task.metric, **{k: v for k, v in final.items() if k not in ("step", "layer_evals", "epochs_equiv", "train_time_s")},
+        "metric": task.metric, "selection_metric": task.selection_metric, **{k: v for k, v in final.items() if k not in ("step", "layer_evals", "epochs_equiv", "train_time_s")},
         "optimizer_steps": state["step"],
         "layer_evals": state["layer_evals"], "epochs_equiv": final["epochs_equiv"],
         "train_time_s": state["train_time"], "median_step_s": statistics.median(times) if times else float("nan"),

@@ -28,6 +28,7 @@ import numpy as np
 import torch
 
 from bench import atomic
+from bench.seeding import stream_seed
 
 FASHION_MNIST_FILES = {  # uncompressed content: sha256, bytes
     "train-images-idx3-ubyte": ("c59f468a2f672dc815687fe0f83887768d799fd8a3f3276145d20f83aa44d888", 47040016),
@@ -187,12 +188,16 @@ def check_dataset(dataset: str, root: str | Path) -> None:
                              f"extract {archive} into {where} or set data.root in params.yaml")
 
 
-def load_dataset(dataset: str, root: str | Path) -> dict[str, ImageSplit]:
+def load_dataset(dataset: str, root: str | Path, splits: tuple[str, ...] = ("train", "test")) -> dict[str, ImageSplit]:
+    """The requested splits of a dataset.  Tasks never ask for "test" here directly: they go
+    through `bench.splits.open_test`, which refuses during a selection."""
     check_dataset(dataset, root)
     where = dataset_dir(dataset, root)
     if dataset == "fashion_mnist":
         split = {}
         for name, prefix in (("train", "train"), ("test", "t10k")):
+            if name not in splits:
+                continue
             x = _read_idx(where / f"{prefix}-images-idx3-ubyte")
             y = _read_idx(where / f"{prefix}-labels-idx1-ubyte")
             split[name] = ImageSplit(torch.from_numpy(x.copy()).unsqueeze(1), torch.from_numpy(y.astype(np.int64)))
@@ -200,7 +205,7 @@ def load_dataset(dataset: str, root: str | Path) -> dict[str, ImageSplit]:
     import torchvision
     cls = torchvision.datasets.CIFAR10 if dataset == "cifar10" else torchvision.datasets.CIFAR100
     split = {}
-    for name in ("train", "test"):
+    for name in splits:
         ds = cls(str(where), train=name == "train", download=False)
         split[name] = ImageSplit(torch.from_numpy(ds.data).permute(0, 3, 1, 2).contiguous(),
                                  torch.tensor(ds.targets, dtype=torch.int64))
@@ -210,7 +215,7 @@ def load_dataset(dataset: str, root: str | Path) -> dict[str, ImageSplit]:
 # ---- batches ----------------------------------------------------------------------------------
 class EpochBatches:
     """Batch `step` of a shuffled, drop-last pass over n examples.  The order depends only on
-    (seed, step), so a resumed run sees exactly the batches an uninterrupted one would."""
+    (seed, step) — each epoch's permutation from its own SeedSequence child — so a resumed run sees exactly the batches an uninterrupted one would."""
 
     def __init__(self, n: int, batch_size: int, seed: int):
         if batch_size > n:
@@ -222,7 +227,7 @@ class EpochBatches:
     def indices(self, step: int) -> torch.Tensor:
         epoch, i = divmod(step, self.steps_per_epoch)
         if epoch != self._epoch:
-            g = torch.Generator().manual_seed(self.seed * 1_000_003 + epoch)
+            g = torch.Generator().manual_seed(stream_seed(self.seed, "data_order", epoch))
             self._epoch, self._perm = epoch, torch.randperm(self.n, generator=g)
         return self._perm[i * self.batch_size:(i + 1) * self.batch_size]
 

@@ -3,6 +3,11 @@
 The trainer knows arms, budgets, blocks and checkpoints; a task knows its data, its model, its
 loss and its metric.  A task never chooses a block or samples σ: the trainer passes it the
 layers to run and the noise levels of the batch.
+
+Splits: `load` reads train and validation (carved from train, or the text layer's recorded val
+split); the test split is read only through `bench.splits.open_test` (see `test_data`), which
+refuses while a selection (tuning, sweep) runs.  `evaluate(..., split=)` scores either split and
+names its keys after it: `val_acc` / `test_acc`, `val_bpc` / `test_bpc`.
 """
 
 from __future__ import annotations
@@ -14,6 +19,9 @@ import torch
 from bench.blocks import BlockLayout, make_layout
 from bench.config import DataConfig, EvalConfig, RunConfig, model_config
 from bench.diffusion import LogNormalNoise, Partition, make_partition
+from bench.splits import metric_on, open_test
+
+SPLITS = ("val", "test")
 
 
 class Task:
@@ -40,6 +48,22 @@ class Task:
         self.layout: BlockLayout = make_layout(model_config(cfg.model).depth, d.num_blocks,
                                                d.layer_distribution or None)
 
+    @property
+    def selection_metric(self) -> str:
+        """The metric every choice is made by: `metric` on the validation split."""
+        return metric_on(self.metric, "val")
+
+    def test_data(self):
+        """The test split, loaded once, through the seal (the one place a task opens test)."""
+        if getattr(self, "_test_data", None) is None:
+            self._test_data = open_test(f"{self.cfg.suite}/{self.cfg.arm}", self.load_test)
+        return self._test_data
+
+    def split_data(self, split: str):
+        if split not in SPLITS:
+            raise ValueError(f"unknown split {split!r}; evaluate on one of {', '.join(SPLITS)}")
+        return self.val_data if split == "val" else self.test_data()
+
     def make_partition(self, num_blocks: int, gamma: float) -> Partition:
         d = self.cfg.diffusion
         edges = d.sigma_edges if (d.sigma_edges and num_blocks == d.num_blocks) else None
@@ -57,7 +81,11 @@ class Task:
         raise NotImplementedError
 
     def load(self) -> None:
-        """Load the data; set `self.num_train`."""
+        """Load the train and validation data; set `self.num_train` and `self.val_data`."""
+        raise NotImplementedError
+
+    def load_test(self) -> Any:
+        """Read the test split (called only by `test_data`, through the seal)."""
         raise NotImplementedError
 
     def build_model(self) -> torch.nn.Module:
@@ -79,7 +107,7 @@ class Task:
         `self.step` holds the trainer's current step."""
         raise NotImplementedError
 
-    def evaluate(self, model, device: torch.device, final: bool = False) -> dict:
-        """Metrics on the test split (`self.metric` among them).  final=True: the full evaluation
-        (more inference variants); otherwise the cheaper one used for the learning curve."""
+    def evaluate(self, model, device: torch.device, final: bool = False, split: str = "val") -> dict:
+        """Metrics on `split` (val or test), keyed `metric_on(key, split)`.  final=True: the full
+        evaluation (more inference variants); otherwise the cheaper one used for the learning curve."""
         raise NotImplementedError

@@ -22,14 +22,17 @@ from dataclasses import dataclass, field
 
 from bench.blocks import BlockLayout
 from bench.config import ConfigError, DataConfig, EvalConfig, model_config, parse_settings
-from bench.data.images import SHAPES, augment, check_dataset, load_dataset, normalise
+from bench.data.images import SHAPES, ImageSplit, augment, check_dataset, load_dataset, normalise
 from bench.diffusion import (Partition, c_noise, denoised, sample_chain, scale_input, sigmas_equiprobable,
                              weighted_loss)
+from bench.splits import carve_validation
 from bench.tasks.base import Task
 
 @dataclass
 class ImageDataConfig(DataConfig):
     augment: str = "none"              # none | crop_flip | randaugment (crop_flip + RandAugment)
+    val_fraction: float = 0.1          # validation carved from train (seeded by val_seed, fixed per suite)
+    val_seed: int = 0
 
 
 @dataclass
@@ -52,6 +55,15 @@ def parse_variant(text: str, num_blocks: int) -> dict:
         return {k: convert[k](v) for k, v in raw.items()}
     except ValueError:
         raise ConfigError(f"eval.final_variants: cannot read {text!r}; steps=N|B+1, draws=N, sigma_start=X") from None
+
+
+def carve_image_validation(data, train: ImageSplit) -> tuple[ImageSplit, ImageSplit]:
+    """(train, validation) from the full train split: data.val_fraction of it, seeded by
+    data.val_seed; then data.train_subset / data.val_subset keep the first N of each."""
+    train_idx, val_idx = carve_validation(len(train), data.val_fraction, data.val_seed)
+    train_idx, val_idx = torch.from_numpy(train_idx), torch.from_numpy(val_idx)
+    return (ImageSplit(train.images[train_idx], train.labels[train_idx]).head(data.train_subset),
+            ImageSplit(train.images[val_idx], train.labels[val_idx]).head(data.val_subset))
 
 
 class ClassificationTask(Task):
@@ -86,10 +98,13 @@ class ClassificationTask(Task):
                               f"and {m.num_classes} classes, but {data.dataset} has {channels}×{size}×{size} and {classes}")
 
     def load(self) -> None:
-        data = self.cfg.data
-        split = load_dataset(data.dataset, data.root)
-        self.train_split, self.test_split = split["train"].head(data.train_subset), split["test"].head(data.test_subset)
+        self.train_split, self.val_data = carve_image_validation(self.cfg.data, load_dataset(
+            self.cfg.data.dataset, self.cfg.data.root, splits=("train",))["train"])
         self.num_train = len(self.train_split)
+
+    def load_test(self) -> ImageSplit:
+        data = self.cfg.data
+        return load_dataset(data.dataset, data.root, splits=("test",))["test"].head(data.test_subset)
 
     def build_model(self):
         from bench.models import ARCHS
@@ -135,33 +150,35 @@ class ClassificationTask(Task):
 
     # ---- inference --------------------------------------------------------------------------
     @torch.no_grad()
-    def evaluate(self, model, device, final: bool = False) -> dict:
-        """Test accuracy and mean CE, the inference noise fixed by eval.seed.  final: also under
-        each of eval.final_variants (e.g. B+1 σ points, the paper's App. E.1 wording, where B is
-        the official code's default; probabilities averaged over several noise draws)."""
+    def evaluate(self, model, device, final: bool = False, split: str = "val") -> dict:
+        """Accuracy and mean CE on `split`, the inference noise fixed by eval.seed.  final: also
+        under each of eval.final_variants (e.g. B+1 σ points, the paper's App. E.1 wording, where B
+        is the official code's default; probabilities averaged over several noise draws)."""
+        data = self.split_data(split)
         if not self.conditioned:
-            return self._accuracy(model, device)
+            return self._accuracy(model, device, data, split)
         d = self.cfg.diffusion
         default = {"steps": d.inference_steps or self.partition.num_blocks, "draws": self.cfg.eval.noise_draws,
                    "sigma_start": d.sample_sigma_max or self.noise.sigma_max}
-        result = self._accuracy(model, device, **default)
+        result = self._accuracy(model, device, data, split, **default)
         if final:
             result.update({f"inference_{k}": v for k, v in default.items()})
             for text in self.cfg.eval.final_variants:
                 v = parse_variant(text, self.partition.num_blocks)
                 name = ",".join(f"{k}={v[k]:g}" for k in VARIANT_KEYS if k in v)
-                result[f"test_acc@{name}"] = self._accuracy(model, device, **{**default, **v})["test_acc"]
+                result[f"{split}_acc@{name}"] = self._accuracy(model, device, data, split, **{**default, **v})[f"{split}_acc"]
         return result
 
-    def _accuracy(self, model, device, steps: int = 0, draws: int = 1, sigma_start: float = 0.0) -> dict:
+    def _accuracy(self, model, device, data: ImageSplit, split: str, steps: int = 0, draws: int = 1,
+                  sigma_start: float = 0.0) -> dict:
         """Accuracy of the argmax of the class probabilities averaged over `draws` inference noises."""
         was_training = model.training
         model.eval()
         g = torch.Generator().manual_seed(self.cfg.eval.seed)
-        split, bs = self.test_split, self.cfg.eval.batch_size
+        split_data, bs = data, self.cfg.eval.batch_size
         correct, nll = 0, 0.0
-        for start in range(0, len(split), bs):
-            x, y = self._images(split, torch.arange(start, min(len(split), start + bs)), device)
+        for start in range(0, len(split_data), bs):
+            x, y = self._images(split_data, torch.arange(start, min(len(split_data), start + bs)), device)
             probs = sum(self.predict(model, x, partition=self.partition if self.conditioned else None,
                                      layout=self.layout, inference_steps=steps, sigma_start=sigma_start,
                                      generator=g).float().softmax(-1)
@@ -169,7 +186,7 @@ class ClassificationTask(Task):
             correct += int((probs.argmax(-1) == y).sum())
             nll += float(F.nll_loss(probs.clamp_min(1e-12).log(), y, reduction="sum"))
         model.train(was_training)
-        return {"test_acc": correct / len(split), "test_ce": nll / len(split)}
+        return {f"{split}_acc": correct / len(split_data), f"{split}_ce": nll / len(split_data)}
 
     @torch.no_grad()
     def predict(self, model, images, *, partition: Partition | None, layout: BlockLayout | None,
