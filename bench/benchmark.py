@@ -6,10 +6,19 @@ run), then measures one step of every block with `bench.memory.MemoryMeter` (the
 largest over blocks) and times `time_steps` further steps per block (median).  Memory of a step
 needs no dataset: the input is random data of the right shape.
 
+Besides e2e and e2e+ckpt, the memory-saving baseline a user would pick instead of DiffusionBlocks:
+  e2e+accum    (benchmark only, not a training mode) one E2E step as B micro-batches of
+               ceil(batch/B), gradients accumulated: the same effective batch as e2e, with
+               activations of a micro-batch only; the trainer's own backward_step ends it
+
 Reading the table:
-  mem_ratio    peak of e2e at the same batch size / peak of this row (the paper claims B)
-  speed_ratio  (this row's median step time) / (e2e step time / B): time per block step
-               relative to the ideal share of an end-to-end step (the paper: ≈ 1.07 on an H100)
+  mem_ratio          peak of e2e at the same batch size (the +ckpt rows: e2e+ckpt) / peak of
+                     this row (the paper claims B)
+  mem_ratio_vs_accum dblocks rows: peak of e2e+accum with the same B / peak of this row
+  mem_ratio_vs_ckpt  dblocks rows: peak of e2e+ckpt at the same batch size / peak of this row
+  speed_ratio        (this row's median step time) / (e2e step time / B): time per block step
+                     relative to the ideal share of an end-to-end step (the paper: ≈ 1.07 on an
+                     H100); e2e+accum rows: its step / the e2e step (the cost of micro-batching)
 """
 
 from __future__ import annotations
@@ -21,6 +30,7 @@ from pathlib import Path
 
 import pandas as pd
 import torch
+from torch.utils._pytree import tree_map_only
 
 from bench import atomic, track
 from bench.config import RunConfig, load_config, arm_names, model_config, validate
@@ -29,12 +39,18 @@ from bench.tasks import make_task
 from bench.train import Budget, backward_step, build_model, forward_loss, make_optimizer, resolve_device
 
 MiB, GiB = 2**20, 2**30
+ACCUM = "e2e+accum"                 # gradient accumulation: an arm of this benchmark, not a training mode
+BENCHMARK_ONLY_ARMS = (ACCUM,)
+MEMORY_ARMS = ("e2e", ACCUM, "e2e+ckpt", "dblocks", "dblocks+ckpt")   # `bench memory --arms` default
+RATIO_COLUMNS = ("mem_ratio", "mem_ratio_vs_accum", "mem_ratio_vs_ckpt", "speed_ratio", "note")
 
 
 def variant(base: RunConfig, mode: str, num_blocks: int, batch_size: int, residency: str,
             depth: int | None = None) -> RunConfig:
+    """The config of one benchmark arm; e2e+accum runs an e2e config (its micro-batch count is
+    `measure`'s accum_steps)."""
     cfg = copy.deepcopy(base)
-    cfg.mode, cfg.arm = mode, mode
+    cfg.mode, cfg.arm = ("e2e" if mode == ACCUM else mode), mode
     cfg.diffusion.num_blocks = num_blocks
     cfg.diffusion.layer_distribution = []
     cfg.train.batch_size, cfg.train.residency = batch_size, residency
@@ -44,16 +60,69 @@ def variant(base: RunConfig, mode: str, num_blocks: int, batch_size: int, reside
     return cfg
 
 
-def measure(cfg: RunConfig, device: torch.device, time_steps: int = 3, first_block_only: bool = False) -> dict:
+def micro_batch_sizes(batch_size: int, steps: int) -> list[int]:
+    """`steps` micro-batches summing to batch_size, the largest ceil(batch_size / steps)."""
+    if not 1 <= steps <= batch_size:
+        raise ValueError(f"cannot split a batch of {batch_size} into {steps} micro-batches")
+    base, extra = divmod(batch_size, steps)
+    return [base + (i < extra) for i in range(steps)]
+
+
+def split_batch(cfg: RunConfig, batch, steps: int) -> list[tuple[RunConfig, object, float]]:
+    """(config, micro-batch, loss weight) per micro-batch: views of `batch` along dim 0 (every
+    task's batch is a tensor or a tuple of them), each config at its micro-batch size (σ draws),
+    weighted by its share so the accumulated gradient is the full batch's mean."""
+    out, start = [], 0
+    for n in micro_batch_sizes(cfg.train.batch_size, steps):
+        micro = copy.deepcopy(cfg)
+        micro.train.batch_size = n
+        out.append((micro, tree_map_only(torch.Tensor, lambda t, a=start, b=start + n: t[a:b], batch),
+                    n / cfg.train.batch_size))
+        start += n
+    return out
+
+
+class _KeepGrads:
+    """The optimizer as backward_step sees it on the last micro-batch: zero_grad would drop the
+    earlier micro-batches' gradients, so it is skipped; clipping and the AdamW step are the trainer's."""
+
+    def __init__(self, optimizer):
+        self.optimizer = optimizer
+
+    def zero_grad(self) -> None:
+        pass
+
+    def step(self) -> None:
+        self.optimizer.step()
+
+
+def accumulation_step(cfg: RunConfig, task, model, optimizer, micro_batches, generator) -> None:
+    """One E2E optimizer step over micro-batches (from `split_batch`), gradients accumulated."""
+    optimizer.zero_grad()
+    *first, last = micro_batches
+    for micro, batch, weight in first:
+        loss, _, _ = forward_loss(micro, task, model, batch, None, generator)
+        (weight * loss).backward()
+    micro, batch, weight = last
+    loss, _, _ = forward_loss(micro, task, model, batch, None, generator)
+    backward_step(cfg, model, _KeepGrads(optimizer), weight * loss)
+
+
+def measure(cfg: RunConfig, device: torch.device, time_steps: int = 3, first_block_only: bool = False,
+            accum_steps: int = 1) -> dict:
     """Peak memory (largest over blocks) and median step time of one configuration.
     first_block_only: with `offload` the blocks of an equal split peak alike, so measuring block 0
-    is enough (the deepest-model search uses it to save time)."""
+    is enough (the deepest-model search uses it to save time).  accum_steps > 1 (e2e only): each
+    step is `accumulation_step` over that many micro-batches of the batch."""
+    if accum_steps > 1 and cfg.is_dblocks:
+        raise ValueError("gradient accumulation is an e2e baseline; a dblocks step already trains one block")
     task = make_task(cfg)
     torch.manual_seed(0)
     model = build_model(cfg, task).to(device).train()
     budget = Budget(1, 10**6, 10**6, 0)
     optimizer = make_optimizer(cfg, task, model, device, budget)
     batch = task.example_batch(cfg.train.batch_size, device)
+    micro_batches = split_batch(cfg, batch, accum_steps) if accum_steps > 1 else None
     gen = torch.Generator().manual_seed(0)
     blocks = list(range(task.layout.num_blocks)) if cfg.is_dblocks else [None]
     if first_block_only and cfg.train.residency == "offload":
@@ -61,6 +130,9 @@ def measure(cfg: RunConfig, device: torch.device, time_steps: int = 3, first_blo
 
     def step(block):
         optimizer.activate(block)
+        if micro_batches:
+            accumulation_step(cfg, task, model, optimizer, micro_batches, gen)
+            return
         loss, _, _ = forward_loss(cfg, task, model, batch, block, gen)
         backward_step(cfg, model, optimizer, loss)
 
@@ -106,8 +178,46 @@ def _note(row: pd.Series, e2e: pd.Series) -> str:
                and worst in ("parameters", "optimizer_state", "gradients") else ""))
 
 
-def memory_benchmark(params_path: str | Path, blocks: list[int], batch_sizes: list[int], modes: list[str],
-                     residencies: list[str], name: str | None = None, out_dir: str | Path = "results/memory",
+def arm_grid(mode: str, blocks: list[int], residencies: list[str]) -> list[tuple[int, str]]:
+    """(B, residency) of each row of an arm: dblocks over both; e2e+accum over B (its number of
+    micro-batches); e2e and e2e+ckpt one row."""
+    if mode.startswith("dblocks"):
+        return [(B, r) for B in blocks for r in residencies]
+    return [(B, "-") for B in blocks] if mode == ACCUM else [(1, "-")]
+
+
+def _peer_peak(df: pd.DataFrame, mode: str, batch_size: int, B: int | None = None) -> float:
+    """The peak of `mode`'s row at this batch size (and B), NaN if the benchmark has none."""
+    rows = df[(df["mode"] == mode) & (df["batch_size"] == batch_size)]
+    if B is not None:
+        rows = rows[rows["B"] == B]
+    return float(rows.iloc[0]["peak_bytes"]) if len(rows) else float("nan")
+
+
+def with_ratios(df: pd.DataFrame) -> pd.DataFrame:
+    """The ratio columns (see the module docstring) and the notes."""
+    df = df.copy()
+    cols = {c: [] for c in RATIO_COLUMNS}
+    for _, row in df.iterrows():
+        dblocks, bs = row["mode"].startswith("dblocks"), row["batch_size"]
+        same = "e2e+ckpt" if row["mode"].endswith("+ckpt") else "e2e"
+        e2e = df[(df["mode"] == same) & (df["batch_size"] == bs)]
+        e2e = e2e.iloc[0] if len(e2e) else None
+        cols["mem_ratio"].append(_peer_peak(df, same, bs) / row["peak_bytes"])
+        cols["mem_ratio_vs_accum"].append(_peer_peak(df, ACCUM, bs, row["B"]) / row["peak_bytes"] if dblocks else float("nan"))
+        cols["mem_ratio_vs_ckpt"].append(_peer_peak(df, "e2e+ckpt", bs) / row["peak_bytes"] if dblocks else float("nan"))
+        share = row["B"] if dblocks else 1   # a block step's ideal is e2e / B; e2e+accum's is e2e itself
+        cols["speed_ratio"].append(row["median_step_s"] / (e2e["median_step_s"] / share) if e2e is not None else float("nan"))
+        row = row.copy()
+        row["mem_ratio"] = cols["mem_ratio"][-1]
+        cols["note"].append(_note(row, e2e) if e2e is not None else "")
+    for c, values in cols.items():
+        df[c] = values
+    return df
+
+
+def memory_benchmark(params_path: str | Path, blocks: list[int], batch_sizes: list[int], modes: list[str] = MEMORY_ARMS,
+                     residencies: list[str] = ("resident", "offload"), name: str | None = None, out_dir: str | Path = "results/memory",
                      time_steps: int = 3, budget: int | None = None, max_depth: int = 96, resume: bool = False,
                      log=print) -> Path:
     """Measure every (batch size, arm, B, residency) row; the CSV is rewritten after each row, so a
@@ -122,38 +232,31 @@ def memory_benchmark(params_path: str | Path, blocks: list[int], batch_sizes: li
     bad = [B for B in blocks if B > depth]
     if bad:
         raise ValueError(f"B={bad[0]} is larger than the model's depth ({depth})")
+    if ACCUM in modes and max(blocks) > min(batch_sizes):
+        raise ValueError(f"{ACCUM}: B={max(blocks)} micro-batches do not fit in a batch of {min(batch_sizes)}")
     out = Path(out_dir)
     key = ["mode", "residency", "B", "batch_size", "depth"]
     done = {}
     if resume and (out / f"{name}.csv").exists():
         for r in pd.read_csv(out / f"{name}.csv").to_dict("records"):
-            done[tuple(r[k] for k in key)] = {k: v for k, v in r.items() if k not in ("mem_ratio", "speed_ratio", "note")}
+            done[tuple(r[k] for k in key)] = {k: v for k, v in r.items() if k not in RATIO_COLUMNS}
     rows = []
     for bs in batch_sizes:
         for mode in modes:
-            grid = [(B, r) for B in blocks for r in residencies] if mode.startswith("dblocks") else [(1, "resident")]
-            for B, residency in grid:
-                row = {"config": name, "mode": mode, "residency": residency if mode.startswith("dblocks") else "-",
-                       "B": B if mode.startswith("dblocks") else 1, "batch_size": bs, "depth": depth}
+            for B, residency in arm_grid(mode, blocks, residencies):
+                accum = B if mode == ACCUM else 1
+                row = {"config": name, "mode": mode, "residency": residency, "B": B, "batch_size": bs,
+                       "micro_batch": max(micro_batch_sizes(bs, accum)), "depth": depth}
                 kept = done.get(tuple(row[k] for k in key))
-                row.update(kept or measure(variant(base, mode, B, bs, residency), device, time_steps))
+                cfg = variant(base, mode, B if mode.startswith("dblocks") else 1, bs,
+                              residency if mode.startswith("dblocks") else "resident")
+                row.update(kept or measure(cfg, device, time_steps, accum_steps=accum))
                 rows.append(row)
                 log(f"memory {name}: {mode:<13} B={row['B']} batch {bs:<4} {row['residency']:<9} "
                     f"peak {row['peak_bytes'] / MiB:9.1f} MiB  step {1000 * row['median_step_s']:8.1f} ms"
                     + ("  (kept from the earlier run)" if kept else ""))
                 atomic.write_csv(out / f"{name}.csv", pd.DataFrame(rows))   # progress survives a kill
-    df = pd.DataFrame(rows)
-    ratios, speeds, notes = [], [], []
-    for _, row in df.iterrows():
-        e2e = df[(df["mode"] == ("e2e+ckpt" if row["mode"].endswith("+ckpt") else "e2e"))
-                 & (df["batch_size"] == row["batch_size"])]
-        e2e = e2e.iloc[0] if len(e2e) else None
-        ratios.append(e2e["peak_bytes"] / row["peak_bytes"] if e2e is not None else float("nan"))
-        speeds.append(row["median_step_s"] / (e2e["median_step_s"] / row["B"]) if e2e is not None else float("nan"))
-        row = row.copy()
-        row["mem_ratio"] = ratios[-1]
-        notes.append(_note(row, e2e) if e2e is not None else "")
-    df["mem_ratio"], df["speed_ratio"], df["note"] = ratios, speeds, notes
+    df = with_ratios(pd.DataFrame(rows))
     atomic.write_csv(out / f"{name}.csv", df)
     png = plot_memory(df, out / f"{name}.png", name)
     atomic.write_text(out / f"{name}.md", render_markdown(df, name, device, params_path, None, budget))

@@ -81,7 +81,7 @@ def cmd_prepare(a) -> None:
     if not arms:
         raise ConfigError(f"{a.params} defines no arms")
     for arm in arms:
-        cfg = load_config(a.params, arm, a.set)
+        cfg = load_config(a.params, arm, a.set, tuning=True)   # a tuned arm at its base settings (tuned.yaml may not exist yet)
         task = make_task(cfg)
         task.check()
         task.load()

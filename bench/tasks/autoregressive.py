@@ -21,9 +21,13 @@ step by the block that owns σ, with D̂ = softmax(logits) @ Ê (Ê: the normali
 the logits of the final call (at σ_min) predict the token: greedy (argmax, the paper's decoding) or
 sampled (eval.db_decoding).  e2e samples with top-p (eval.top_p, 0.95 as in the paper).
 
-Metrics (definitions in bench/metrics/text.py and the README):
-  test_ppl / test_bpc        e2e: exact test perplexity / bits per character.
-  denoise_ppl / denoise_bpc  dblocks: "denoising perplexity", teacher-forced: every test token is
+Metrics (definitions in bench/metrics/text.py and the README), on the split `evaluate` is given:
+validation (the text layer's recorded val split, data.val_subset windows; keys `val_ppl`,
+`val_denoise_ppl`, `val_gen_ppl`, …: what selections read) or test (read only by `load_test`, through
+the seal of bench.splits; keys `test_ppl`, `denoise_ppl`, `gen_ppl`, …: what the tables publish).
+Prompts for generation are windows of the same split.
+  test_ppl / test_bpc        e2e: exact perplexity / bits per character.
+  denoise_ppl / denoise_bpc  dblocks: "denoising perplexity", teacher-forced: every token is
                              predicted by the chained inference above from the true preceding tokens,
                              and its probability is the average of softmax(final logits) over
                              eval.noise_draws fixed noise draws.  NOT a likelihood bound: it is the
@@ -37,19 +41,22 @@ tokens, so `train_token_layer_evals` is also given) and per generated token.
 from __future__ import annotations
 
 import json
+import re
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import torch
 
-from bench import atomic, track
+from bench import atomic, seeding, track
 from bench.config import ConfigError, EvalConfig, model_config
 from bench.data.text import (PreparedText, TextDataConfig, TextSpec, check_prepared, num_windows, open_text,
                              prepared_dir, windows)
 from bench.diffusion import c_noise, denoised, sample_chain, scale_input, sigmas_equiprobable, weighted_loss
 from bench.metrics import text as M
+from bench.splits import metric_on
 from bench.tasks.base import Task
+from bench.tasks.masked_lm import HeldOutText, check_split_sizes
 
 SIGMA_PER = ("sequence", "token")
 
@@ -58,10 +65,10 @@ SIGMA_PER = ("sequence", "token")
 class LMEvalConfig(EvalConfig):
     batch_size: int = 64
     reference: str = ""            # final.pt of an e2e autoregressive run, or a local HF causal-LM directory; "": none
-    ppl_sequences: int = 0         # final: test windows for test/denoising perplexity (0: all)
-    curve_ppl_sequences: int = 64  # learning curve: test windows for the same
+    ppl_sequences: int = 0         # final: windows of the split for exact/denoising perplexity (0: all)
+    curve_ppl_sequences: int = 64  # learning curve: windows for the same
     noise_draws: int = 4           # dblocks: noise draws averaged per token in the denoising perplexity
-    prompts: int = 128             # final: prompts (test windows, evenly spaced) for generation
+    prompts: int = 128             # final: prompts (windows of the split, evenly spaced) for generation
     continuations: int = 2         # final: continuations sampled per prompt
     curve_prompts: int = 32        # learning curve: prompts (one continuation each) for gen_ppl
     prompt_len: int = 32           # tokens of prompt
@@ -110,7 +117,6 @@ class AutoregressiveTask(Task):
     data_config = TextDataConfig
     eval_config = LMEvalConfig
     arch = "llama"
-    more_steps_variants_apply = True   # the final evaluation also samples with 2B and 4B calls per token
 
     @classmethod
     def validate_config(cls, cfg) -> None:
@@ -152,7 +158,7 @@ class AutoregressiveTask(Task):
     # ---- data and model ---------------------------------------------------------------------------------
     @property
     def window(self) -> int:
-        """Tokens per training/test window: seq_len inputs and the token after the last."""
+        """Tokens per training/scored window: seq_len inputs and the token after the last."""
         return self.seq_len + 1
 
     def check(self) -> None:
@@ -161,15 +167,12 @@ class AutoregressiveTask(Task):
         if m.vocab_size and m.vocab_size != data.vocab_size:
             raise ConfigError(f"model.vocab_size {m.vocab_size} differs from the prepared data's {data.vocab_size} "
                               f"({data.dir}); set model.vocab_size: 0 to take it from the data")
-        for split in ("train", "test"):
-            n = data.meta["splits"][split]["tokens"]
-            if num_windows(n, self.window, offset_room=split == "train" and self.cfg.data.random_offset) < 1:
-                raise ConfigError(f"data.seq_len {self.seq_len} is larger than the {split} split of {data.dir.name} "
-                                  f"({n:,} tokens)")
-        n_prompts = num_windows(data.meta["splits"]["test"]["tokens"], e.prompt_len + e.gen_len)
-        if e.reference and n_prompts < e.prompts:
-            raise ConfigError(f"eval.prompts {e.prompts} is more than the {n_prompts} test windows of "
-                              f"{e.prompt_len + e.gen_len} tokens")
+        check_split_sizes(data, self.window, self.cfg.data.random_offset, f"data.seq_len {self.seq_len}")
+        for split in ("val", "test"):
+            n_prompts = num_windows(data.meta["splits"][split]["tokens"], e.prompt_len + e.gen_len)
+            if e.reference and n_prompts < e.prompts:
+                raise ConfigError(f"eval.prompts {e.prompts} is more than the {n_prompts} {split} windows of "
+                                  f"{e.prompt_len + e.gen_len} tokens")
         if self._num_train(data) < self.cfg.train.batch_size:
             raise ConfigError(f"train.batch_size {self.cfg.train.batch_size} is larger than the "
                               f"{self._num_train(data)} training windows of {self.window} tokens")
@@ -210,11 +213,17 @@ class AutoregressiveTask(Task):
     def load(self) -> None:
         self.data = open_text(self.spec, self.cfg.data.root)
         self.train_tokens = self.data.tokens("train")
-        self.test_tokens = self.data.tokens("test")
         self.num_train = self._num_train(self.data)
-        # test windows overlap by one token so that every test token after the first is predicted once
-        n_test = (len(self.test_tokens) - 1) // self.seq_len
-        self.num_test = min(n_test, self.cfg.data.test_subset) if self.cfg.data.test_subset else n_test
+        self.val_data = self._held_out("val", self.cfg.data.val_subset)
+
+    def load_test(self) -> HeldOutText:
+        return self._held_out("test", self.cfg.data.test_subset)
+
+    def _held_out(self, split: str, subset: int) -> HeldOutText:
+        if not hasattr(self, "data"):
+            self.data = open_text(self.spec, self.cfg.data.root)
+        # scored windows overlap by one token so that every token after the first is predicted once
+        return HeldOutText.of(self.data, split, subset, lambda n: max(0, n - 1) // self.seq_len)
 
     @property
     def vocab_size(self) -> int:
@@ -346,10 +355,10 @@ class AutoregressiveTask(Task):
         return sum(len(self.layout.layers_of(self.partition.block_of(float(s)))) for s in self.inference_sigmas())
 
     # ---- perplexities ---------------------------------------------------------------------------------------
-    def test_windows(self, n: int, device) -> torch.Tensor:
-        """n test windows of seq_len + 1 tokens, evenly spread; window k starts at k·seq_len."""
-        ids = evenly_spaced(self.num_test, n)
-        return torch.from_numpy(strided_windows(self.test_tokens, self.window, self.seq_len, ids)).to(device)
+    def ppl_windows(self, held: HeldOutText, n: int, device) -> torch.Tensor:
+        """n windows of seq_len + 1 tokens of `held`, evenly spread; window k starts at k·seq_len."""
+        ids = evenly_spaced(held.num_windows, n)
+        return torch.from_numpy(strided_windows(held.tokens, self.window, self.seq_len, ids)).to(device)
 
     def nll_table(self, model, x: torch.Tensor, draws: int) -> torch.Tensor:
         """−ln q(w_p | w_<p) for p = 1…T of each window (N, T): exact for e2e; for dblocks the
@@ -377,11 +386,11 @@ class AutoregressiveTask(Task):
                 self._reference = M.BenchReferenceLM(path, device, self.cfg.eval.batch_size)
         return self._reference
 
-    def prompt_windows(self, n: int) -> tuple[list[list[int]], list[list[int]]]:
-        """Prompts and their real continuations: n test windows of prompt_len + gen_len, evenly spaced."""
+    def prompt_windows(self, held: HeldOutText, n: int) -> tuple[list[list[int]], list[list[int]]]:
+        """Prompts and their real continuations: n windows of prompt_len + gen_len of `held`, evenly spaced."""
         e = self.cfg.eval
         L = e.prompt_len + e.gen_len
-        w = strided_windows(self.test_tokens, L, L, evenly_spaced(num_windows(len(self.test_tokens), L), n))
+        w = strided_windows(held.tokens, L, L, evenly_spaced(num_windows(len(held.tokens), L), n))
         return [r[:e.prompt_len].tolist() for r in w], [r[e.prompt_len:].tolist() for r in w]
 
     def train_compute(self, steps: int) -> dict:
@@ -390,7 +399,8 @@ class AutoregressiveTask(Task):
         if self.cfg.is_dblocks:
             from bench.blocks import BlockSampler
             if getattr(self, "_replay", None) is None or self._replay[0] > steps:
-                self._replay = [0, 0, BlockSampler(self.layout.num_blocks, self.cfg.train.seed + 1)]
+                self._replay = [0, 0, BlockSampler(self.layout.num_blocks,
+                                                   seeding.stream_seed(self.cfg.train.seed, "block"))]
             done, evals, sampler = self._replay
             evals += sum(len(self.layout.layers_of(sampler.sample())) for _ in range(steps - done))
             self._replay = [steps, evals, sampler]
@@ -406,65 +416,77 @@ class AutoregressiveTask(Task):
             return make_budget(self.cfg, self.num_train).total_steps
         return self.step + 1  # evaluated during training, after the trainer's current step
 
+    def perplexity(self, model, held: HeldOutText, n: int, device) -> tuple[float, float, int]:
+        """(perplexity, bits per character, tokens scored) over n windows of `held`: exact (e2e) or
+        denoising (dblocks)."""
+        nll = self.nll_table(model, self.ppl_windows(held, n, device), self.cfg.eval.noise_draws)
+        total, n_tok = float(nll.sum()), nll.numel()
+        return M.perplexity(total, n_tok), M.bits_per_char(total, n_tok, held.chars_per_token), n_tok
+
     @torch.no_grad()
-    def evaluate(self, model, device, final: bool = False) -> dict:
+    def evaluate(self, model, device, final: bool = False, split: str = "val") -> dict:
+        """Perplexity, and with a reference gen_ppl (final: MAUVE, samples, variants), on `split`;
+        keys named for it (`metric_on`), compute counts unprefixed."""
+        held = self.split_data(split)
+
+        def on(key: str) -> str:   # test_ppl → val_ppl, gen_ppl → val_gen_ppl on validation
+            return metric_on(key, split)
+
         was_training = model.training
         model.eval()
         e = self.cfg.eval
-        result: dict = {}
-        # perplexity: exact (e2e) or denoising (dblocks)
-        x = self.test_windows(e.ppl_sequences if final else e.curve_ppl_sequences, device)
-        nll = self.nll_table(model, x, e.noise_draws)
-        n_tok, cpt = nll.numel(), self.data.chars_per_token("test")
         kind = "denoise" if self.cfg.is_dblocks else "test"
-        result[f"{kind}_ppl"] = M.perplexity(float(nll.sum()), n_tok)
-        result[f"{kind}_bpc"] = M.bits_per_char(float(nll.sum()), n_tok, cpt)
-        # generative perplexity under the reference
+        ppl, bpc, n_tok = self.perplexity(model, held, e.ppl_sequences if final else e.curve_ppl_sequences, device)
+        result = {on(f"{kind}_ppl"): ppl, on(f"{kind}_bpc"): bpc}
+        # generative perplexity under the reference, from prompts of this split
         if e.reference:
-            gen = self.generation_metrics(model, device, final)
-            result.update(gen.pop("metrics"))
+            gen = self.generation_metrics(model, device, final, held)
+            result.update({on(k): v for k, v in gen.pop("metrics").items()})
         compute = self.train_compute(self._steps_done(final))
         result.update(compute)
         if final:
             tag = f"{e.noise_draws}draws" if self.cfg.is_dblocks else "exact"
-            result.update({f"{kind}_ppl@{tag}": result[f"{kind}_ppl"], f"{kind}_bpc@{tag}": result[f"{kind}_bpc"],
-                           "ppl_tokens": n_tok, "chars_per_token": cpt,
+            result.update({on(f"{kind}_ppl@{tag}"): ppl, on(f"{kind}_bpc@{tag}"): bpc,
+                           on("ppl_tokens"): n_tok, on("chars_per_token"): held.chars_per_token,
                            "infer_layer_evals@per_token": self.inference_layer_evals_per_token(),
                            **{f"{k}@total": v for k, v in compute.items()}})
             if self.cfg.is_dblocks:
                 result["inference_steps"] = len(self.inference_sigmas())
             if e.reference:
-                result["samples_file"] = str(self.write_samples(gen))
-                result.update(self.more_steps_variants(model, device))
+                result[on("samples_file")] = str(self.write_samples(gen, split))
+            result.update({on(k): v for k, v in self.final_variants(model, device, held).items()})
             track.log_final(self.cfg.suite, self.cfg.arm, texts={"metric_definitions.md": METRIC_DEFINITIONS},
-                            files=[result.get("samples_file")])
+                            files=[result.get(on("samples_file"))])
         model.train(was_training)
         return result
 
-    def more_steps_variants(self, model, device) -> dict:
-        """DiffusionBlocks AR only: the same prompts (one continuation each) sampled with 2B and 4B
-        denoiser calls per token, to show how the step count trades gen_ppl against diversity."""
-        if not self.cfg.is_dblocks or not self.more_steps_variants_apply:
+    def final_variants(self, model, device, held: HeldOutText) -> dict:
+        """Other inference settings of the final evaluation, keyed as on test (the caller renames
+        them for the split).  DiffusionBlocks AR: the same prompts (one continuation each) sampled
+        with 2B and 4B denoiser calls per token, to show how the step count trades gen_ppl against
+        diversity.  The recurrent task overrides this with its recurrences."""
+        if not self.cfg.is_dblocks or not self.cfg.eval.reference:
             return {}
-        d, e, out = self.cfg.diffusion, self.cfg.eval, {}
-        main, conts = d.inference_steps, e.continuations
+        d, out = self.cfg.diffusion, {}
+        main = d.inference_steps
         try:
-            e.continuations = 1
             for steps in (2 * self.partition.num_blocks, 4 * self.partition.num_blocks):
                 d.inference_steps = steps
-                m = self.generation_metrics(model, device, final=True)["metrics"]
+                m = self.generation_metrics(model, device, True, held, continuations=1)["metrics"]
                 out.update({f"gen_ppl@{steps}steps": m["gen_ppl"], f"distinct4@{steps}steps": m["distinct4@gen"]})
                 if "mauve@ref" in m:
                     out[f"mauve@{steps}steps"] = m["mauve@ref"]
         finally:
-            d.inference_steps, e.continuations = main, conts
+            d.inference_steps = main
         return out
 
-    def generation_metrics(self, model, device, final: bool) -> dict:
-        """Sample continuations of test prompts; gen_ppl (and, final, MAUVE and the real text's gen_ppl)."""
+    def generation_metrics(self, model, device, final: bool, held: HeldOutText, continuations: int = 0) -> dict:
+        """Sample continuations of prompts of `held`; gen_ppl (and, final, MAUVE and the real text's
+        gen_ppl).  continuations: per prompt (0: eval.continuations when final, else 1)."""
         e = self.cfg.eval
         n_prompts, n_cont = (e.prompts, e.continuations) if final else (e.curve_prompts, 1)
-        prompts, real = self.prompt_windows(n_prompts)
+        n_cont = continuations or n_cont
+        prompts, real = self.prompt_windows(held, n_prompts)
         g = torch.Generator().manual_seed(e.seed)
         P = torch.tensor(prompts, device=device)
         conts = []
@@ -497,17 +519,21 @@ class AutoregressiveTask(Task):
                     f"(B = {self.partition.num_blocks}), {dec} decoding of the final logits")
         return f"top-p {e.top_p} sampling"
 
-    def write_samples(self, gen: dict) -> Path:
+    def write_samples(self, gen: dict, split: str) -> Path:
+        """The first eval.samples_shown continuations: test → <samples_dir>/<suite>/samples_<arm>.md (the
+        published file) and samples.md in the run; val → samples_val.md in the run only."""
         e, tok = self.cfg.eval, self.data.tokenizer
         md = [f"# {self.cfg.suite}/{self.cfg.arm}: sampled continuations\n",
               f"{len(gen['conts'])} continuations of {e.gen_len} {tok.kind} tokens after {e.prompt_len}-token prompts "
-              f"from the test split ({self.decoding_note()}), seed {e.seed}; the first {e.samples_shown} are shown "
+              f"from the {split} split ({self.decoding_note()}), seed {e.seed}; the first {e.samples_shown} are shown "
               f"with the real continuation.  Scored by the reference {gen['reference']}.  Written by `bench evaluate`.\n"]
         for i in range(min(e.samples_shown, len(gen["conts"]))):
             md += [f"## Sample {i + 1}\n", "Prompt:\n", "```text", tok.decode(gen["prompts"][i]), "```",
                    "Generated:\n", "```text", tok.decode(gen["conts"][i]), "```",
                    "Real continuation:\n", "```text", tok.decode(gen["real"][i]), "```\n"]
         text = "\n".join(md)
+        if split != "test":
+            return atomic.write_text(Path(self.cfg.out_dir) / f"samples_{split}.md", text)
         atomic.write_text(Path(self.cfg.out_dir) / "samples.md", text)
         return atomic.write_text(Path(e.samples_dir) / self.cfg.suite / f"samples_{self.cfg.arm}.md", text)
 
@@ -521,14 +547,24 @@ METRIC_DEFINITIONS = """\
 | `gen_ppl@data` | both | the same for the *real* continuations of the same prompts: what a perfect sampler would score |
 | `mauve@ref` | both | MAUVE (mauve-text) between the reference LM's features of the real (P) and sampled (Q) prompt+continuation texts; feature = final hidden state averaged over the continuation (`eval.mauve_features`); k-means buckets and counts in `mauve_buckets`, `mauve_n_real`, `mauve_n_gen`; scaling `eval.mauve_scaling` |
 | `gen_ppl@Nsteps`, `distinct4@Nsteps`, `mauve@Nsteps` | dblocks (AR) | the same with N = 2B and 4B denoiser calls per token, one continuation per prompt (the main figures use B calls, the paper's setting) |
+| `test_ppl@KN`, `denoise_ppl@KN`, `gen_ppl@KN`, … | recurrent | the same at N inference iterations (`eval.recurrence_variants`; one continuation per prompt); the main figures use the arm's own K (`inference_recurrence`: e2e its training mean r̄) |
 | `distinct4@gen`, `distinct4@data` | both | unique 4-grams / all 4-grams of the sampled and of the real continuations (1: no repetition) |
 | `train_layer_evals` | both | transformer-layer forward passes per training batch, summed over training (recurrent e2e: every unrolled core iteration, with and without gradient) |
 | `train_token_layer_evals` | both | the same × tokens per pass × batch size (the DiffusionBlocks AR layers see 2T tokens: clean and noisy) |
 | `infer_layer_evals@per_token` | both | layer evaluations to generate one token (prefix recomputed, no KV cache) |
+
+Splits: the names above are the **test** split's (what the tables publish; its prompts and windows).
+Each also exists on the validation split, which every selection reads, as `metric_on` names it:
+`test_ppl` → `val_ppl`, `denoise_ppl` → `val_denoise_ppl`, `gen_ppl@data` → `val_gen_ppl@data`.
+The compute counts belong to no split.
 """
 
 
 # ---- the suite report ------------------------------------------------------------------------------------------
+# the test-split figures of the final variants (the val_ ones are for selections, not the table)
+TEST_VARIANT = re.compile(r"(gen_ppl|distinct4|mauve|test_ppl|test_bpc|denoise_ppl|denoise_bpc)@(\d+steps|K\d+)")
+
+
 def report(params_path, log=print) -> Path:
     """`bench lm-report`: `bench compare`'s comparison.md (every metric as a column) headed by the metric
     definitions, the language-model figures per arm, the compute ratios and the samples; plus
@@ -556,8 +592,7 @@ def report(params_path, log=print) -> Path:
     lm_cols = ["gen_ppl", "gen_ppl@data", "mauve@ref", "distinct4@gen", "distinct4@data", "test_ppl", "test_bpc",
                "denoise_ppl", "denoise_bpc", "train_layer_evals", "train_backward_layer_evals",
                "train_token_layer_evals", "infer_layer_evals@per_token"]
-    lm_cols += sorted({k for r in rows for k in r if k.split("@")[0] in ("gen_ppl", "distinct4", "mauve")
-                       and k.endswith("steps")})
+    lm_cols += ["inference_recurrence"] + sorted({k for r in rows for k in r if TEST_VARIANT.fullmatch(k)})
     table = pd.DataFrame([{"arm": r["arm"], "mode": r["mode"], **{c: r.get(c, float("nan")) for c in lm_cols}}
                           for r in rows]).dropna(axis=1, how="all")
     ref_note = ""
@@ -571,7 +606,8 @@ def report(params_path, log=print) -> Path:
              f"of {e.gen_len} tokens after {e.prompt_len}-token prompts (MAUVE: "
              f"{rows[0].get('mauve_n_real', '–')} real vs {rows[0].get('mauve_n_gen', '–')} generated texts, "
              f"{rows[0].get('mauve_buckets', '–')} buckets, scaling {e.mauve_scaling}).\n",
-             "## Language-model figures\n", _markdown_table(table), "",
+             "## Language-model figures\n", "Test split (validation figures, `val_*`, are in each eval.json).\n",
+             _markdown_table(table), "",
              "## Metric definitions\n", METRIC_DEFINITIONS]
     e2e = [r for r in rows if r["mode"].startswith("e2e")]
     db = [r for r in rows if r["mode"].startswith("dblocks")]
@@ -625,6 +661,8 @@ def _plot_quality(curves: dict, path: Path, suite: str) -> Path:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
     keys = [k for k in ("gen_ppl", "test_ppl", "denoise_ppl") if any(k in df for df in curves.values())]
+    if not keys:   # no test points on the curve (trained while the test split was sealed)
+        return path
     fig, axes = plt.subplots(1, len(keys), figsize=(5 * len(keys), 4), squeeze=False)
     for ax, key in zip(axes[0], keys):
         for arm, df in curves.items():

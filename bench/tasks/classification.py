@@ -38,23 +38,34 @@ class ImageDataConfig(DataConfig):
 @dataclass
 class ClassificationEvalConfig(EvalConfig):
     noise_draws: int = 1               # inference noises averaged per test image (official: 1)
+    # bench: D = softmax(logits) @ normalised label table, chain from σ_max·ε (the paper's text);
+    # official: the raw (unnormalised) label table and the chain from √(1+σ_max²)·ε (the official code)
+    inference: str = "bench"
     # the final evaluation (`bench evaluate`) also reports these inference settings, each a
     # comma-separated list of steps=N|B+1, draws=N, sigma_start=X; e.g. "draws=8,sigma_start=10"
     final_variants: list = field(default_factory=lambda: ["steps=B+1", "draws=8"])
 
 
-VARIANT_KEYS = ("steps", "draws", "sigma_start")
+VARIANT_KEYS = ("steps", "draws", "sigma_start", "inference")
+INFERENCE = ("bench", "official")
 
 
 def parse_variant(text: str, num_blocks: int) -> dict:
     """'steps=B+1,draws=8' → {'steps': B+1, 'draws': 8}."""
     raw = parse_settings(text, VARIANT_KEYS)
     convert = {"steps": lambda v: num_blocks + 1 if v.replace(" ", "") == "B+1" else int(v), "draws": int,
-               "sigma_start": float}
+               "sigma_start": float, "inference": inference_kind}
     try:
         return {k: convert[k](v) for k, v in raw.items()}
     except ValueError:
-        raise ConfigError(f"eval.final_variants: cannot read {text!r}; steps=N|B+1, draws=N, sigma_start=X") from None
+        raise ConfigError(f"eval.final_variants: cannot read {text!r}; steps=N|B+1, draws=N, sigma_start=X, "
+                          f"inference={'|'.join(INFERENCE)}") from None
+
+
+def inference_kind(text: str) -> str:
+    if text not in INFERENCE:
+        raise ValueError(text)
+    return text
 
 
 def carve_image_validation(data, train: ImageSplit) -> tuple[ImageSplit, ImageSplit]:
@@ -78,6 +89,8 @@ class ClassificationTask(Task):
     def validate_config(cls, cfg) -> None:
         if cfg.data.augment not in ("none", "crop_flip", "randaugment"):
             raise ConfigError(f"unknown data.augment {cfg.data.augment!r}; choose none, crop_flip or randaugment")
+        if cfg.eval.inference not in INFERENCE:
+            raise ConfigError(f"unknown eval.inference {cfg.eval.inference!r}; choose {' or '.join(INFERENCE)}")
         if cfg.eval.noise_draws < 1:
             raise ConfigError(f"eval.noise_draws must be >= 1, got {cfg.eval.noise_draws}")
         for v in cfg.eval.final_variants:
@@ -159,18 +172,18 @@ class ClassificationTask(Task):
             return self._accuracy(model, device, data, split)
         d = self.cfg.diffusion
         default = {"steps": d.inference_steps or self.partition.num_blocks, "draws": self.cfg.eval.noise_draws,
-                   "sigma_start": d.sample_sigma_max or self.noise.sigma_max}
+                   "sigma_start": d.sample_sigma_max or self.noise.sigma_max, "inference": self.cfg.eval.inference}
         result = self._accuracy(model, device, data, split, **default)
         if final:
-            result.update({f"inference_{k}": v for k, v in default.items()})
+            result.update({k if k == "inference" else f"inference_{k}": v for k, v in default.items()})
             for text in self.cfg.eval.final_variants:
                 v = parse_variant(text, self.partition.num_blocks)
-                name = ",".join(f"{k}={v[k]:g}" for k in VARIANT_KEYS if k in v)
+                name = ",".join(f"{k}={v[k]:g}" if k != "inference" else f"{k}={v[k]}" for k in VARIANT_KEYS if k in v)
                 result[f"{split}_acc@{name}"] = self._accuracy(model, device, data, split, **{**default, **v})[f"{split}_acc"]
         return result
 
     def _accuracy(self, model, device, data: ImageSplit, split: str, steps: int = 0, draws: int = 1,
-                  sigma_start: float = 0.0) -> dict:
+                  sigma_start: float = 0.0, inference: str = "bench") -> dict:
         """Accuracy of the argmax of the class probabilities averaged over `draws` inference noises."""
         was_training = model.training
         model.eval()
@@ -181,7 +194,7 @@ class ClassificationTask(Task):
             x, y = self._images(split_data, torch.arange(start, min(len(split_data), start + bs)), device)
             probs = sum(self.predict(model, x, partition=self.partition if self.conditioned else None,
                                      layout=self.layout, inference_steps=steps, sigma_start=sigma_start,
-                                     generator=g).float().softmax(-1)
+                                     generator=g, inference=inference).float().softmax(-1)
                         for _ in range(draws)) / draws
             correct += int((probs.argmax(-1) == y).sum())
             nll += float(F.nll_loss(probs.clamp_min(1e-12).log(), y, reduction="sum"))
@@ -191,14 +204,16 @@ class ClassificationTask(Task):
     @torch.no_grad()
     def predict(self, model, images, *, partition: Partition | None, layout: BlockLayout | None,
                 inference_steps: int = 0, sigma_start: float = 0.0,
-                generator: torch.Generator | None = None) -> torch.Tensor:
+                generator: torch.Generator | None = None, inference: str = "bench") -> torch.Tensor:
         """Logits.  partition None: the plain classifier; else the chained denoising blocks,
-        starting from σ_start·ε (σ_start = σ_max unless given)."""
+        starting from σ_start·ε (σ_start = σ_max unless given), or from √(1+σ_start²)·ε with the
+        raw label table in D under inference="official" (the official code's choices)."""
         if partition is None:
             return model(images)
         steps = inference_steps or partition.num_blocks
         sigmas = sigmas_equiprobable(self.noise, steps, sigma_start or None)
-        E = F.normalize(model.label_embed.weight, dim=-1)
+        official = inference == "official"
+        E = model.label_embed.weight if official else F.normalize(model.label_embed.weight, dim=-1)
         n = images.shape[0]
 
         def run(z, sigma: float, block: int) -> torch.Tensor:
@@ -209,6 +224,7 @@ class ClassificationTask(Task):
             return run(z, sigma, block).softmax(-1) @ E
 
         eps = torch.randn((n, E.shape[1]), generator=generator).to(images.device)
-        z = sample_chain(denoise, float(sigmas[0]) * eps, sigmas, partition)
+        start = (1 + float(sigmas[0]) ** 2) ** 0.5 if official else float(sigmas[0])
+        z = sample_chain(denoise, start * eps, sigmas, partition)
         last = float(sigmas[-1])
         return run(z, last, partition.block_of(last))

@@ -11,21 +11,34 @@ steps (`sample_chain`; the last call returns D at σ_min).  dblocks: the equal-p
 each call run by the block that owns σ; e2e: the Karras ρ = 7 grid through all layers.
 Guidance: D = D_null + s·(D_class − D_null) (s = 1 plain conditional, 0 unconditional).
 
-Metrics (`bench.metrics.fid`): FID against the test split and the train split (first
-`fid_ref_n` images, or all), with `fid_n` generated images (balanced over classes), the minimum
-over `fid_repeats` independent sample sets (EDM's protocol); KID against the test split.  The
-learning curve uses `curve_fid_n` images and the test split only.  No Inception Score (see
+Splits.  Validation is `data.val_fraction` of the train split (seeded by `data.val_seed`, the same
+carve as the classification task's); the model trains on the rest.  `evaluate(split=)` scores the
+generated images against that split's real images: "val" against the validation images (what
+every choice reads, e.g. the σ grid), "test" against the test split (opened through the seal).
+The train reference (`fid_splits: [.., train]`, final evaluation only) is the train split *minus*
+validation.  Reference features are cached under names that say which set they are
+(`fashion_mnist-val0.1-seed0-first1000-…`, `fashion_mnist-test-first1000-…`).
+
+Metrics (`bench.metrics.fid`, torch-fidelity: its TF-legacy bilinear resize to 299, not clean-fid's):
+`val_fid` / `test_fid` with `fid_n` generated images (balanced over classes), the minimum over
+`fid_repeats` independent sample sets (EDM's protocol), KID (`val_kid` / `test_kid`) against the
+same split, `train_fid` in the final evaluation.  The learning curve uses `curve_fid_n` images.
+The val and test evaluations of the same weights share their generated images (memoised by a
+checksum of the weights), so scoring both costs one set of samples.  No Inception Score (see
 bench/metrics/fid.py).
 """
 
 from __future__ import annotations
 
+import dataclasses
+import hashlib
 import math
 import statistics
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import numpy as np
 import torch
 
 from bench.blocks import BlockLayout
@@ -33,7 +46,9 @@ from bench.config import ConfigError, DataConfig, EvalConfig, model_config
 from bench.data.images import SHAPES, check_dataset, load_dataset
 from bench.diffusion import GRIDS, c_noise, denoised, make_sigmas, sample_chain, scale_input, weighted_loss
 from bench.metrics import fid as fidlib
+from bench.splits import carve_validation, metric_on
 from bench.tasks.base import Task
+from bench.tasks.classification import carve_image_validation
 
 IMAGE_DATASETS = ("fashion_mnist", "cifar10")
 LATENT_DATASETS = ("imagenet_latents",)
@@ -43,6 +58,8 @@ LATENT_DATASETS = ("imagenet_latents",)
 class GenerationDataConfig(DataConfig):
     hflip: bool = False          # random horizontal flips (DiT's only augmentation)
     label_dropout: float = 0.1   # fraction of labels replaced by the null class (CFG training)
+    val_fraction: float = 0.1    # validation (the FID reference of every choice) carved from train
+    val_seed: int = 0            # ... by this seed, fixed per suite (not the run's seed)
     # imagenet_latents only (see bench/data/latents.py)
     image_dir: str = ""          # ImageFolder root with train/ and val/ (val is the test split)
     vae: str = ""                # directory of the stabilityai/sd-vae-ft-ema weights (diffusers format)
@@ -61,7 +78,9 @@ class GenerationEvalConfig(EvalConfig):
     fid_n: int = 1000                # images used for the final FID (paper: 50 000)
     fid_repeats: int = 1             # k: the final FID is the minimum over k sample sets (paper: 3)
     curve_fid_n: int = 200           # images per learning-curve FID (cheap, biased upwards)
-    fid_ref_n: int = 0               # real images per reference split (0: the whole split)
+    fid_ref_n: int = 0               # real images per reference set (0: the whole split)
+    # the final FID's references: "test" stands for the evaluated split (validation or test);
+    # "train" adds train_fid against the train split minus validation
     fid_splits: list = field(default_factory=lambda: ["test", "train"])
     fid_weights: str = str(fidlib.DEFAULT_WEIGHTS)   # or "download" (torch-fidelity's own, needs a network)
     fid_cache: str = ".cache/fid/stats"
@@ -69,8 +88,8 @@ class GenerationEvalConfig(EvalConfig):
     kid_subset_size: int = 1000
     kid_subsets: int = 100
     grid_columns: int = 8            # sample grid: one row per class, this many seeds per row
-    # the final evaluation also reports the test FID under these eval settings, each a
-    # comma-separated list of key=value, e.g. "grid_dblocks=karras" (columns fid_test@…)
+    # the final evaluation also reports the FID under these eval settings, each a comma-separated
+    # list of key=value, e.g. "grid_dblocks=karras" (columns val_fid@…, test_fid@…)
     final_variants: list = field(default_factory=list)
 
 
@@ -79,15 +98,28 @@ VARIANT_KEYS = ("cfg_scale", "steps", "grid_dblocks", "grid_e2e", "rho")
 
 def variant_eval(e: "GenerationEvalConfig", text: str) -> "GenerationEvalConfig":
     """eval settings with a final variant ("grid_dblocks=karras,steps=50") applied."""
-    import dataclasses
     from bench.config import _coerce, parse_settings
     changes = {k: _coerce("eval", k, v, getattr(e, k)) for k, v in parse_settings(text, VARIANT_KEYS).items()}
     return dataclasses.replace(e, **changes)
 
 
+def weights_fingerprint(model: torch.nn.Module) -> str:
+    """sha1 of the model's tensors: equal weights → equal samples, so val and test share them."""
+    h = hashlib.sha1()
+    for name, t in model.state_dict().items():
+        h.update(name.encode())
+        h.update(t.detach().reshape(-1).contiguous().cpu().view(torch.uint8).numpy())
+    return h.hexdigest()
+
+
+def first_n(*limits: int) -> int:
+    """The smallest non-zero limit (0: none): data.val_subset and eval.fid_ref_n together."""
+    return min((n for n in limits if n), default=0)
+
+
 class GenerationTask(Task):
     name = "generation"
-    metric = "fid_test"
+    metric = "test_fid"          # val_fid on validation (bench.splits.metric_on)
     higher_is_better = False
     e2e_denoiser = True
     data_config = GenerationDataConfig
@@ -101,6 +133,9 @@ class GenerationTask(Task):
         if d.dataset not in IMAGE_DATASETS + LATENT_DATASETS:
             raise ConfigError(f"unknown data.dataset {d.dataset!r} for generation; "
                               f"choose one of {', '.join(IMAGE_DATASETS + LATENT_DATASETS)}")
+        if not 0 < d.val_fraction < 1:
+            raise ConfigError(f"data.val_fraction must be in (0, 1) for generation (validation FID needs "
+                              f"real images), got {d.val_fraction}")
         if e.cfg_scale < 0:
             raise ConfigError(f"eval.cfg_scale must be >= 0, got {e.cfg_scale}")
         if not 0 <= d.label_dropout < 1:
@@ -124,7 +159,8 @@ class GenerationTask(Task):
                 raise ConfigError(f"eval.final_variants: {v!r} gives an invalid setting")
         bad = [s for s in e.fid_splits if s not in ("train", "test")]
         if bad or not e.fid_splits or "test" not in e.fid_splits:
-            raise ConfigError(f"eval.fid_splits must include 'test' and may add 'train', got {e.fid_splits}")
+            raise ConfigError(f"eval.fid_splits must include 'test' (the evaluated split, validation or test) "
+                              f"and may add 'train', got {e.fid_splits}")
         if e.fid_ref_n < 0:
             raise ConfigError(f"eval.fid_ref_n must be >= 0, got {e.fid_ref_n}")
         if d.dataset in LATENT_DATASETS and d.image_size % 8:
@@ -133,8 +169,10 @@ class GenerationTask(Task):
     def __init__(self, cfg):
         super().__init__(cfg)
         self.mcfg = model_config(cfg.model)
+        self.train_rows = None   # latents: train example → row of train_x (validation rows left out)
         self._net = None         # Inception, loaded on first use
-        self._refs: dict = {}    # split → (features, Stats)
+        self._refs: dict = {}    # "val" | "test" | "train" → (features, Stats)
+        self._memo: dict = {}    # one set of weights' generated features and final extras
 
     # ---- data and model ---------------------------------------------------------------------
     @property
@@ -166,23 +204,62 @@ class GenerationTask(Task):
             except fidlib.WeightsError as err:
                 raise ConfigError(str(err)) from None
 
-    def load(self) -> None:
+    def _carve_name(self) -> str:
         d = self.cfg.data
+        return f"val{d.val_fraction:g}-seed{d.val_seed}"
+
+    def load(self) -> None:
+        """Train (minus validation) for training; validation and the train reference for FID."""
+        d, e = self.cfg.data, self.cfg.eval
+        carve, val_n = self._carve_name(), first_n(d.val_subset, e.fid_ref_n)
         if self.latent:
-            from bench.data.latents import load_latents
-            self.train_x, self.train_y = load_latents(d, "train")
+            val_size, train_size = self._load_latents(carve, val_n)
         else:
-            split = load_dataset(d.dataset, d.root)
-            self.splits = split
-            tr = split["train"].head(d.train_subset)
-            self.train_x, self.train_y = tr.images, tr.labels
-        self.num_train = len(self.train_y)
-        ref_n, e = self.cfg.eval.fid_ref_n, self.cfg.eval
-        if not self.latent:
-            for s in e.fid_splits:
-                size = len(self.splits[s])
-                if ref_n > size:
-                    raise ConfigError(f"eval.fid_ref_n={ref_n} is larger than the {s} split ({size} images)")
+            full = load_dataset(d.dataset, d.root, splits=("train",))["train"]
+            # the carve of the whole train split; train_subset limits training, not the train reference
+            train, val = carve_image_validation(dataclasses.replace(d, train_subset=0), full)
+            train_set = train.head(d.train_subset)
+            self.train_x, self.train_y = train_set.images, train_set.labels
+            self.val_data = fidlib.ReferenceSet(f"{d.dataset}-{carve}-first{val_n or 'all'}",
+                                                lambda: val.head(val_n).images)
+            self.train_reference = fidlib.ReferenceSet(f"{d.dataset}-train-minus-{carve}-first{e.fid_ref_n or 'all'}",
+                                                       lambda: train.head(e.fid_ref_n).images)
+            val_size, train_size = len(val), len(train)
+        self.num_train = len(self.train_rows) if self.train_rows is not None else len(self.train_y)
+        for name, size, wanted in (("validation", val_size, True), ("train", train_size, "train" in e.fid_splits)):
+            if wanted and e.fid_ref_n > size:
+                raise ConfigError(f"eval.fid_ref_n={e.fid_ref_n} is larger than the {name} reference ({size} images)")
+            if wanted and size < 2:
+                raise ConfigError(f"the {name} split has {size} images; FID needs at least 2 (data.val_fraction)")
+
+    def _load_latents(self, carve: str, val_n: int) -> tuple[int, int]:
+        """Latent rows come in pairs (image, flip): the carve is over images, so no image's flip
+        lands on the other side.  train_x stays whole; train_rows index it (no 40 GB copy)."""
+        from bench.data.latents import load_latents
+        d, e = self.cfg.data, self.cfg.eval
+        self.train_x, self.train_y = load_latents(d, "train")
+        train_idx, val_idx = carve_validation(len(self.train_y) // 2, d.val_fraction, d.val_seed)
+        rows = np.stack([2 * train_idx, 2 * train_idx + 1], 1).reshape(-1)
+        self.train_rows = torch.from_numpy(rows[:d.train_subset or None])
+        val_idx, ref_idx = val_idx[:val_n or None], train_idx[:e.fid_ref_n or None]
+        self.val_data = fidlib.ReferenceSet(f"{d.dataset}{d.image_size}-{carve}-first{val_n or 'all'}",
+                                            lambda: _folder_images(d, "train", val_idx))
+        self.train_reference = fidlib.ReferenceSet(
+            f"{d.dataset}{d.image_size}-train-minus-{carve}-first{e.fid_ref_n or 'all'}",
+            lambda: _folder_images(d, "train", ref_idx))
+        return len(val_idx), len(train_idx)
+
+    def load_test(self) -> fidlib.ReferenceSet:
+        """The test split's real images (first test_subset / fid_ref_n), read when first needed."""
+        d, e = self.cfg.data, self.cfg.eval
+        n = first_n(d.test_subset, e.fid_ref_n)
+        if self.latent:
+            from bench.data.latents import real_images
+            return fidlib.ReferenceSet(f"{d.dataset}{d.image_size}-test-first{n or 'all'}", lambda: real_images(d, "val", n))
+        test = load_dataset(d.dataset, d.root, splits=("test",))["test"]
+        if e.fid_ref_n > len(test):
+            raise ConfigError(f"eval.fid_ref_n={e.fid_ref_n} is larger than the test split ({len(test)} images)")
+        return fidlib.ReferenceSet(f"{d.dataset}-test-first{n or 'all'}", lambda: test.head(n).images)
 
     def build_model(self):
         from bench.models import ARCHS
@@ -193,11 +270,12 @@ class GenerationTask(Task):
         return x.float() / 127.5 - 1 if x.dtype == torch.uint8 else x.float()
 
     def batch(self, indices, seed, device):
-        x = self.to_model_space(self.train_x[indices])
+        rows = indices if self.train_rows is None else self.train_rows[indices]
+        x = self.to_model_space(self.train_x[rows])
         if self.cfg.data.hflip:
             flip = torch.rand(len(x), generator=torch.Generator().manual_seed(seed)) < 0.5
             x[flip] = x[flip].flip(-1)
-        return x.to(device), self.train_y[indices].to(device)
+        return x.to(device), self.train_y[rows].to(device)
 
     def example_batch(self, batch_size, device):
         m = self.mcfg
@@ -290,54 +368,66 @@ class GenerationTask(Task):
         return self._net
 
     def reference(self, split: str, device) -> tuple[torch.Tensor, fidlib.Stats]:
-        """Features and statistics of the real `split` (first fid_ref_n images), cached on disk."""
+        """Features and statistics of the real images of "val", "test" (through the seal) or
+        "train" (minus validation), cached on disk under the set's own name."""
         if split not in self._refs:
-            d, e = self.cfg.data, self.cfg.eval
-            tag = "tf-download" if e.fid_weights == fidlib.DOWNLOAD else fidlib.CONVERTED_SHA256[:12]
-            key = f"{d.dataset}-{split}-{e.fid_ref_n or 'all'}-{tag}"
-            if self.latent:
-                from bench.data.latents import real_images
-                images_fn = lambda: real_images(d, split, e.fid_ref_n)   # noqa: E731
-            else:
-                images_fn = lambda: self.splits[split].head(e.fid_ref_n).images   # noqa: E731
-            feats = fidlib.cached_features(Path(e.fid_cache), key, images_fn, self.inception(device), e.fid_batch)
+            e = self.cfg.eval
+            ref = self.train_reference if split == "train" else self.split_data(split)
+            weights = "tf-download" if e.fid_weights == fidlib.DOWNLOAD else fidlib.CONVERTED_SHA256[:12]
+            feats = fidlib.cached_features(Path(e.fid_cache), f"{ref.name}-{weights}", ref.read,
+                                           self.inception(device), e.fid_batch)
             self._refs[split] = feats, fidlib.statistics(feats)
         return self._refs[split]
 
-    def fid_scores(self, model, device, n: int, repeats: int, splits: list[str]) -> dict:
-        """FID per split (minimum over `repeats` sample sets) and KID against the test split."""
+    def _memo_for(self, model) -> dict:
+        """What is kept for these weights (dropped when the weights change)."""
+        fingerprint = weights_fingerprint(model)
+        if self._memo.get("weights") != fingerprint:
+            self._memo = {"weights": fingerprint, "generated": {}, "extras": None}
+        return self._memo
+
+    def generated(self, model, device, n: int, seed: int, memo: dict) -> tuple[torch.Tensor, fidlib.Stats]:
+        """Inception features (float32, what the network gives) and statistics of n generated
+        images under the current eval settings, memoised for these weights (`_memo_for`)."""
+        key = (repr(self.cfg.eval), n, seed, str(device))
+        cache = memo["generated"]
+        if key not in cache:
+            images = self.generate(model, n, seed=seed, device=device)
+            feats = fidlib.features(self.inception(device), images, self.cfg.eval.fid_batch).float()
+            cache[key] = feats, fidlib.statistics(feats)
+        return cache[key]
+
+    def fid_scores(self, model, device, n: int, repeats: int, split: str) -> dict:
+        """FID against `split`'s reference (minimum over `repeats` sample sets) and the KID of
+        the sample set that gave it; keys named for the split (test_fid / val_fid, train_fid)."""
         e = self.cfg.eval
-        best: dict[str, float] = {}
-        kid = None
+        ref_feats, ref_stats = self.reference(split, device)
+        best, kid, memo = math.inf, None, self._memo_for(model)
         for r in range(repeats):
-            images = self.generate(model, n, seed=e.seed + 7919 * r, device=device)
-            feats = fidlib.features(self.inception(device), images, e.fid_batch)
-            stats = fidlib.statistics(feats)
-            for split in splits:
-                ref_feats, ref_stats = self.reference(split, device)
-                value = fidlib.fid(stats, ref_stats)
-                best[split] = min(best.get(split, math.inf), value)
-                if split == "test" and (kid is None or value <= best[split]):
+            feats, stats = self.generated(model, device, n, e.seed + 7919 * r, memo)
+            value = fidlib.fid(stats, ref_stats)
+            if value <= best:
+                best = value
+                if split != "train":
                     kid = fidlib.kid(feats, ref_feats, e.kid_subset_size, e.kid_subsets, seed=e.seed)
-        out = {f"fid_{s}": v for s, v in best.items()}
-        out["kid_test"], out["kid_test_std"] = kid
-        return out
+        if split == "train":
+            return {"train_fid": best}
+        kid_key = metric_on("test_kid", split)
+        return {metric_on("test_fid", split): best, kid_key: kid[0], f"{kid_key}_std": kid[1]}
 
     @torch.no_grad()
-    def evaluate(self, model, device, final: bool = False) -> dict:
-        """Curve point: FID@curve_fid_n against the test split.  Final: FID@fid_n against the test
-        and train splits (min over fid_repeats), KID, sampling cost, and a sample grid PNG."""
+    def evaluate(self, model, device, final: bool = False, split: str = "val") -> dict:
+        """Curve point: FID@curve_fid_n against `split`.  Final: FID@fid_n (min over fid_repeats)
+        and KID against `split`, the FID of each eval.final_variants setting (`val_fid@…`: what
+        the grid choice reads), and, shared by both splits, train_fid, sampling cost and a PNG."""
         e = self.cfg.eval
+        self.reference(split, device)    # a sealed test split fails here, before any sampling
         was_training = model.training
         model.eval()
         try:
             if not final:
-                return {**self.fid_scores(model, device, e.curve_fid_n, 1, ["test"]), "fid_n": e.curve_fid_n}
-            result = {**self.fid_scores(model, device, e.fid_n, e.fid_repeats, list(e.fid_splits)),
-                      "fid_n": e.fid_n, "fid_repeats": e.fid_repeats, "fid_ref_n": e.fid_ref_n,
-                      "steps": e.steps, "cfg_scale": e.cfg_scale,
-                      "layer_evals_per_image": self.layer_evals_per_sample()}
-            result.update(self.sampling_cost(model, device))
+                return {**self.fid_scores(model, device, e.curve_fid_n, 1, split), "fid_n": e.curve_fid_n}
+            result = {**self.fid_scores(model, device, e.fid_n, e.fid_repeats, split), **self.final_extras(model, device)}
             base = self.cfg.eval
             unused = "grid_e2e" if self.cfg.is_dblocks else "grid_dblocks"  # the other arm's sampler grid
             for text in e.final_variants:   # the same weights, another sampler setting
@@ -346,14 +436,28 @@ class GenerationTask(Task):
                     continue
                 self.cfg.eval = variant_eval(base, text)
                 try:
-                    result[f"fid_test@{text}"] = self.fid_scores(model, device, e.fid_n, e.fid_repeats, ["test"])["fid_test"]
+                    fid_key = metric_on("test_fid", split)
+                    result[f"{fid_key}@{text}"] = self.fid_scores(model, device, e.fid_n, e.fid_repeats, split)[fid_key]
                 finally:
                     self.cfg.eval = base
-            path = self.save_grid(model, device, Path(self.cfg.out_dir) / "samples.png")
-            result["samples_png"] = str(path)
             return result
         finally:
             model.train(was_training)
+
+    def final_extras(self, model, device) -> dict:
+        """The final evaluation's figures that belong to no split, computed once per weights."""
+        memo = self._memo_for(model)
+        if memo["extras"] is None:
+            e = self.cfg.eval
+            extras = {"fid_n": e.fid_n, "fid_repeats": e.fid_repeats, "fid_ref_n": e.fid_ref_n,
+                      "fid_resize": fidlib.RESIZE, "steps": e.steps, "cfg_scale": e.cfg_scale,
+                      "layer_evals_per_image": self.layer_evals_per_sample()}
+            if "train" in e.fid_splits:
+                extras.update(self.fid_scores(model, device, e.fid_n, e.fid_repeats, "train"))
+            extras.update(self.sampling_cost(model, device))
+            extras["samples_png"] = str(self.save_grid(model, device, Path(self.cfg.out_dir) / "samples.png"))
+            memo["extras"] = extras
+        return dict(memo["extras"])
 
     # ---- pictures and cost ------------------------------------------------------------------
     def grid_images(self, model, device) -> torch.Tensor:
@@ -388,3 +492,10 @@ class GenerationTask(Task):
             per_call += [b - a for a, b in zip(times, times[1:])]
         per_step = statistics.median(per_call)
         return {"sec_per_step": per_step, "sec_per_image": per_step * self.cfg.eval.steps / batch}
+
+
+def _folder_images(d, folder: str, indices) -> torch.Tensor:
+    """uint8 centre crops of these images of an ImageNet folder (the latent suites' references)."""
+    from bench.data.latents import _folder
+    ds = _folder(d, folder, d.image_size)
+    return torch.stack([ds[int(i)][0] for i in indices])

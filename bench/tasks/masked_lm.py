@@ -9,18 +9,22 @@ width); the embedding, t embedder and output head are shared by every block.
 diffusion.weighting: `lambda` = this ELBO weight (default); `uniform` = the plain mean CE over
 masked tokens (not an ELBO; a lever).  The σ keys of `diffusion` (P_mean, sigma_*, …) do not apply.
 
-Metric: test BPC = the negative ELBO of each test sequence (Eq. 8, which is the whole ELBO here:
+Metric: BPC = the negative ELBO of each held-out sequence (Eq. 8, which is the whole ELBO here:
 α(0) = 1 and α(1) = 0 leave no reconstruction or prior term), estimated by Monte Carlo with a fixed
 number of t draws per sequence, in bits per *character* (bits per token ÷ characters per token).
 Each draw of t is evaluated by the block that owns t (dblocks) or by all layers (e2e).  The draws
-are seeded per (test sequence, draw), so both arms and every curve point see the same t's and masks
+are seeded per (sequence, draw), so both arms and every curve point see the same t's and masks
 (common random numbers: the difference between arms is less noisy than either number).  The
-standard error is that of the Monte-Carlo estimate given the fixed test set (`mc_mean_stderr`).
-  curve points  eval.t_draws draws on eval.curve_sequences test sequences (cheap);
-  final         eval.final_t_draws draws on every test sequence (or data.test_subset), the
-                standard error, the BPC contributed by each block's t range, and eval.samples
-                generated passages (MD4's ancestral sampler, eval.seed), written to
-                <eval.samples_dir>/<suite>/samples_<arm>.md and logged to the arm's MLflow run.
+standard error is that of the Monte-Carlo estimate given the fixed held-out set (`mc_mean_stderr`).
+Splits: validation is the text layer's recorded val split (data.val_subset: its first N windows),
+scored as `val_bpc`, …; the test split (data.test_subset) is read only by `load_test`, through the
+seal of bench.splits, and scored as `test_bpc`, ….
+  curve points  eval.t_draws draws on eval.curve_sequences sequences of the split (cheap);
+  final         eval.final_t_draws draws on every sequence of the split, the standard error and
+                the BPC contributed by each block's t range; with the test split also eval.samples
+                generated passages (MD4's ancestral sampler, eval.seed; unconditional, so they do not
+                depend on a split), written to <eval.samples_dir>/<suite>/samples_<arm>.md and logged
+                to the arm's MLflow run.
 """
 
 from __future__ import annotations
@@ -29,16 +33,18 @@ import json
 import math
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Callable
 
 import numpy as np
 import torch
 
 from bench import atomic, track
 from bench.config import ConfigError, DiffusionConfig, EvalConfig, model_config
-from bench.data.text import (TextDataConfig, TextSpec, check_prepared, num_windows, open_text, prepared_dir,
-                             windows)
+from bench.data.text import (PreparedText, TextDataConfig, TextSpec, check_prepared, num_windows, open_text,
+                             prepared_dir, windows)
 from bench.diffusion.masking import (MASKING_STRATEGIES, MaskingSchedule, make_masking_partition, mask_tokens,
                                      masked_ce_sum, mc_mean_stderr, md4_nelbo, sample_masked)
+from bench.splits import metric_on
 from bench.tasks.base import Task
 
 _EDM_ONLY = ("P_mean", "P_std", "sigma_min", "sigma_max", "sigma_data", "inference_steps", "sample_sigma_max")
@@ -47,12 +53,39 @@ _EDM_ONLY = ("P_mean", "P_std", "sigma_min", "sigma_max", "sigma_data", "inferen
 @dataclass
 class MaskedLMEvalConfig(EvalConfig):
     batch_size: int = 64
-    t_draws: int = 2               # t draws per test sequence at each learning-curve point (>= 2)
-    curve_sequences: int = 64      # test sequences at each curve point, spread evenly over the split (0: all)
-    final_t_draws: int = 4         # t draws per test sequence in the final evaluation (>= 2)
+    t_draws: int = 2               # t draws per sequence at each learning-curve point (>= 2)
+    curve_sequences: int = 64      # sequences at each curve point, spread evenly over the split (0: all)
+    final_t_draws: int = 4         # t draws per sequence in the final evaluation (>= 2)
     samples: int = 3               # passages generated per arm in the final evaluation (0: none)
     sample_steps: int = 0          # ancestral sampling steps; 0: the sequence length
     samples_dir: str = "results"   # samples go to <samples_dir>/<suite>/samples_<arm>.md
+
+
+@dataclass
+class HeldOutText:
+    """A scored split of a prepared corpus (validation or test) and what its metrics need."""
+    split: str                     # "val" | "test"
+    tokens: np.ndarray
+    num_windows: int               # windows scored: all, or the first data.val_subset / data.test_subset
+    chars_per_token: float
+    unk_rate: float
+
+    @classmethod
+    def of(cls, data: PreparedText, split: str, subset: int, windows_in: Callable[[int], int]) -> "HeldOutText":
+        n = windows_in(int(data.meta["splits"][split]["tokens"]))
+        return cls(split, data.tokens(split), min(n, subset) if subset else n, data.chars_per_token(split),
+                   data.unk_rate(split))
+
+
+def check_split_sizes(data: PreparedText, window: int, random_offset: bool, what: str) -> None:
+    """One line if a split holds no window of `window` tokens (the val split: every learning curve
+    and every selection reads it, so it must not be empty)."""
+    for split in ("train", "val", "test"):
+        n = data.meta["splits"][split]["tokens"]
+        if num_windows(n, window, offset_room=split == "train" and random_offset) < 1:
+            hint = (f"; data.split {list(data.meta['recipe'].get('split', []))} gives it no text, and validation "
+                    f"is what learning curves and selections score" if split == "val" and n == 0 else "")
+            raise ConfigError(f"{what} is larger than the {split} split of {data.dir.name} ({n:,} tokens){hint}")
 
 
 class MaskedLMTask(Task):
@@ -113,10 +146,7 @@ class MaskedLMTask(Task):
             raise ConfigError(f"model.vocab_size {m.vocab_size} differs from the prepared data's {data.vocab_size} "
                               f"({data.dir}); set model.vocab_size: 0 to take it from the data")
         L, bs = self.seq_len, self.cfg.train.batch_size
-        for split in ("train", "test"):
-            n = data.meta["splits"][split]["tokens"]
-            if num_windows(n, L, offset_room=split == "train" and self.cfg.data.random_offset) < 1:
-                raise ConfigError(f"data.seq_len {L} is larger than the {split} split of {data.dir.name} ({n:,} tokens)")
+        check_split_sizes(data, L, self.cfg.data.random_offset, f"data.seq_len {L}")
         n_train = self._num_train(data)
         if n_train < bs:
             raise ConfigError(f"train.batch_size {bs} is larger than the {n_train} training sequences of length {L}")
@@ -128,10 +158,16 @@ class MaskedLMTask(Task):
     def load(self) -> None:
         self.data = open_text(self.spec, self.cfg.data.root)
         self.train_tokens = self.data.tokens("train")
-        self.test_tokens = self.data.tokens("test")
         self.num_train = self._num_train(self.data)
-        n_test = num_windows(len(self.test_tokens), self.seq_len)
-        self.num_test = min(n_test, self.cfg.data.test_subset) if self.cfg.data.test_subset else n_test
+        self.val_data = self._held_out("val", self.cfg.data.val_subset)
+
+    def load_test(self) -> HeldOutText:
+        return self._held_out("test", self.cfg.data.test_subset)
+
+    def _held_out(self, split: str, subset: int) -> HeldOutText:
+        if not hasattr(self, "data"):
+            self.data = open_text(self.spec, self.cfg.data.root)
+        return HeldOutText.of(self.data, split, subset, lambda n: num_windows(n, self.seq_len))
 
     @property
     def vocab_size(self) -> int:
@@ -189,20 +225,21 @@ class MaskedLMTask(Task):
         return self.full_range, lambda b: self.layout.all_layers()
 
     def _draw(self, seq: int, k: int) -> tuple[torch.Tensor, torch.Tensor]:
-        """t and the mask uniforms of draw k of test sequence `seq`: seeded by (eval.seed, seq, k)
+        """t and the mask uniforms of draw k of held-out sequence `seq`: seeded by (eval.seed, seq, k)
         alone, so they do not depend on batching, on the arm or on when the evaluation runs."""
         g = torch.Generator().manual_seed(self.cfg.eval.seed * 1_000_003 + seq * 1009 + k)
         return torch.rand(1, dtype=torch.float64, generator=g), torch.rand(self.seq_len, dtype=torch.float64, generator=g)
 
-    def nelbo_table(self, model, device, seqs: np.ndarray, draws: int) -> tuple[torch.Tensor, torch.Tensor]:
-        """(N, K) one-draw negative-ELBO estimates in nats per sequence, and the t of each."""
+    def nelbo_table(self, model, device, held: HeldOutText, seqs: np.ndarray,
+                    draws: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """(N, K) one-draw negative-ELBO estimates in nats per sequence of `held`, and the t of each."""
         partition, layers_of = self._route()
         table = torch.zeros(len(seqs), draws, dtype=torch.float64)
         ts = torch.zeros(len(seqs), draws, dtype=torch.float64)
         bs = self.cfg.eval.batch_size
         for start in range(0, len(seqs), bs):
             ids = seqs[start:start + bs]
-            x = torch.from_numpy(windows(self.test_tokens, self.seq_len, ids)).to(device)
+            x = torch.from_numpy(windows(held.tokens, self.seq_len, ids)).to(device)
             for k in range(draws):
                 tu = [self._draw(int(i), k) for i in ids]
                 t = torch.cat([a for a, _ in tu])
@@ -217,34 +254,42 @@ class MaskedLMTask(Task):
         return table, ts
 
     @torch.no_grad()
-    def evaluate(self, model, device, final: bool = False) -> dict:
+    def evaluate(self, model, device, final: bool = False, split: str = "val") -> dict:
+        """BPC of `split` (keys named for it: val_bpc / test_bpc, …); see the module docstring."""
+        held = self.split_data(split)
+
+        def on(key: str) -> str:   # test_bpc → val_bpc on validation
+            return metric_on(key, split)
+
         was_training = model.training
         model.eval()
         e = self.cfg.eval
+        n_all = held.num_windows
         if final:
-            seqs, draws = np.arange(self.num_test), e.final_t_draws
+            seqs, draws = np.arange(n_all), e.final_t_draws
         else:
-            n = min(e.curve_sequences or self.num_test, self.num_test)
-            seqs, draws = np.unique(np.linspace(0, self.num_test - 1, n).round().astype(np.int64)), e.t_draws
-        table, ts = self.nelbo_table(model, device, seqs, draws)
+            n = min(e.curve_sequences or n_all, n_all)
+            seqs, draws = np.unique(np.linspace(0, n_all - 1, n).round().astype(np.int64)), e.t_draws
+        table, ts = self.nelbo_table(model, device, held, seqs, draws)
         mean, se = mc_mean_stderr(table)
         # nats per sequence → bits per character
-        to_bpc = 1 / (self.seq_len * math.log(2) * self.data.chars_per_token("test"))
-        result = {"test_bpc": mean * to_bpc, "test_bpc_se": se * to_bpc}
+        to_bpc = 1 / (self.seq_len * math.log(2) * held.chars_per_token)
+        result = {on("test_bpc"): mean * to_bpc, on("test_bpc_se"): se * to_bpc}
         if final:
-            result.update({f"test_bpc_se@{draws}draws": se * to_bpc, "test_sequences": len(seqs), "t_draws": draws,
-                           "seq_len": self.seq_len, "chars_per_token": self.data.chars_per_token("test"),
-                           "test_unk_rate": self.data.unk_rate("test")})
+            result.update({on(f"test_bpc_se@{draws}draws"): se * to_bpc, on("test_sequences"): len(seqs),
+                           "t_draws": draws, "seq_len": self.seq_len, on("chars_per_token"): held.chars_per_token,
+                           on("test_unk_rate"): held.unk_rate})
             # where the bits are spent: the BPC contributed by each block's own t range (the config's
             # B ranges, for either arm), so the arms can be compared range by range
             for b in range(self.partition.num_blocks):
                 lo, hi = self.partition.interval(b)
                 inside = (ts >= lo) & ((ts < hi) | (hi == 1.0))
-                result[f"test_bpc@t{lo:.2f}-{hi:.2f}"] = float((table * inside).mean()) * to_bpc
-            samples = self.write_samples(model, device) if e.samples else None
+                result[on(f"test_bpc@t{lo:.2f}-{hi:.2f}")] = float((table * inside).mean()) * to_bpc
+            # the passages are unconditional (no split in them): written once, with the published evaluation
+            samples = self.write_samples(model, device) if e.samples and split == "test" else None
             if samples:
                 result["samples_file"] = str(samples)
-            track.log_final(self.cfg.suite, self.cfg.arm, texts={"samples.md": samples.read_text()} if samples else None)
+                track.log_final(self.cfg.suite, self.cfg.arm, texts={"samples.md": samples.read_text()})
         model.train(was_training)
         return result
 

@@ -5,21 +5,23 @@ position j reads x_0…x_j and predicts x_{j+1}).
 
 e2e      r core iterations per step, r drawn per step from Huginn's log-normal Poisson,
          r = 1 + Poisson(exp(τ)), τ ~ N(ln(r̄ − 1) − s²/2, s), so E[r] = r̄ (model.mean_recurrence,
-         s = model.recurrence_std), seeded by the step; s_0 ~ N(0, state_std²) from the trainer's
+         s = model.recurrence_std), seeded by the step's "augment" stream (bench.seeding); s_0 ~ N(0, state_std²) from the trainer's
          generator; truncated BPTT: only the last model.bptt iterations are back-propagated.
 dblocks  B = 1: one denoiser over the whole noise range, σ from the full (truncated) log-normal
          p_noise, one pass (prelude, core once, coda) per step; λ(σ)-weighted cross-entropy of
          head(D_j) to x_{j+1} (see bench/models/recurrent.py).
 
-Inference with K iterations (eval.recurrence; 0 → model.mean_recurrence):
-  e2e      K core iterations from s_0 ~ N(0, state_std²) (eval.seed).
-  dblocks  K denoiser calls on the K-point equal-probability σ grid from σ_max to σ_min
+Inference with K iterations:
+  e2e      K = eval.e2e_recurrence (0, the default → model.mean_recurrence r̄: the depth it was
+           trained at on average) core iterations from s_0 ~ N(0, state_std²) (eval.seed).
+  dblocks  K = eval.recurrence (0 → r̄) denoiser calls on the K-point equal-probability σ grid from σ_max to σ_min
            (sigmas_equiprobable): K − 1 Euler steps with D̂ = softmax(logits) @ Ê, and the logits of the
            call at σ_min predict the token.  So iteration k of the recurrence runs at σ_k, the
            k-th of K equally likely quantiles of p_noise, descending.  In the teacher-forced
            perplexity all positions' chains run jointly (a position attends to the earlier positions'
            current iterates); in generation the earlier positions, whose next tokens are known,
            hold noisy copies y + σ_k·ε of them, as in training, and only the new position is iterated.
+The final evaluation also scores every other K of eval.recurrence_variants (`test_ppl@K16`, …).
 
 Compute: the e2e recurrence evaluates prelude + core·r + coda layers per step; the loss reports
 that count to the trainer (its layer_evals and learning curve use it), and `train_layer_evals`
@@ -30,20 +32,25 @@ that count to the trainer (its layer_evals and learning curve use it), and `trai
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+import contextlib
+from dataclasses import dataclass, field
 
 import numpy as np
 import torch
 
+from bench import seeding
 from bench.config import ConfigError, model_config
 from bench.diffusion import c_noise, denoised, sample_chain, scale_input, weighted_loss
 from bench.metrics import text as M
 from bench.tasks.autoregressive import AutoregressiveTask, LMEvalConfig
+from bench.tasks.masked_lm import HeldOutText
 
 
 @dataclass
 class RecurrentEvalConfig(LMEvalConfig):
-    recurrence: int = 0            # K: core iterations (e2e) / denoiser calls (dblocks) at inference; 0: mean_recurrence
+    recurrence: int = 0            # dblocks: K denoiser calls at inference; 0: model.mean_recurrence
+    e2e_recurrence: int = 0        # e2e: K core iterations at inference; 0: model.mean_recurrence (its training mean)
+    recurrence_variants: list = field(default_factory=list)   # final: also at these K (keys @K<k>), e.g. [16]
 
 
 def sample_recurrence(seed: int, mean: int, std: float) -> int:
@@ -59,7 +66,6 @@ class RecurrentTask(AutoregressiveTask):
     name = "recurrent"
     arch = "recurrent"
     eval_config = RecurrentEvalConfig
-    more_steps_variants_apply = False   # its inference steps are eval.recurrence, not diffusion.inference_steps
 
     @classmethod
     def validate_config(cls, cfg) -> None:
@@ -67,8 +73,16 @@ class RecurrentTask(AutoregressiveTask):
         if cfg.diffusion.num_blocks != 1:
             raise ConfigError(f"the recurrent model is one denoiser (paper: no block partitioning): "
                               f"diffusion.num_blocks must be 1, got {cfg.diffusion.num_blocks}")
-        if cfg.eval.recurrence < 0:
-            raise ConfigError(f"eval.recurrence must be >= 0, got {cfg.eval.recurrence}")
+        e = cfg.eval
+        if e.recurrence < 0 or e.e2e_recurrence < 0:
+            raise ConfigError(f"eval.recurrence and eval.e2e_recurrence must be >= 0, got {e.recurrence} and "
+                              f"{e.e2e_recurrence}")
+        if not all(isinstance(k, int) and k >= 1 for k in e.recurrence_variants):
+            raise ConfigError(f"eval.recurrence_variants must be iteration counts >= 1, got {e.recurrence_variants}")
+
+    def __init__(self, cfg):
+        super().__init__(cfg)
+        self._K_override = 0      # set by `at_recurrence` (the final variants)
 
     @property
     def mcfg(self):
@@ -76,11 +90,26 @@ class RecurrentTask(AutoregressiveTask):
 
     @property
     def K(self) -> int:
-        return self.cfg.eval.recurrence or self.mcfg.mean_recurrence
+        """Inference iterations: the e2e arm at its training mean r̄ unless eval.e2e_recurrence says
+        otherwise (fewer iterations than it trained at would understate it); dblocks eval.recurrence."""
+        e = self.cfg.eval
+        return self._K_override or (e.recurrence if self.cfg.is_dblocks else e.e2e_recurrence) \
+            or self.mcfg.mean_recurrence
+
+    @contextlib.contextmanager
+    def at_recurrence(self, k: int):
+        before, self._K_override = self._K_override, k
+        try:
+            yield
+        finally:
+            self._K_override = before
 
     def step_recurrence(self, step: int) -> int:
+        """r of training step `step`, from the step's own stream (the seed `batch` gets; sample_recurrence
+        keys it further, so r and the window offset are independent draws)."""
         m = self.mcfg
-        return sample_recurrence(self.cfg.train.seed * 7919 + step, m.mean_recurrence, m.recurrence_std)
+        return sample_recurrence(seeding.stream_seed(self.cfg.train.seed, "augment", step), m.mean_recurrence,
+                                 m.recurrence_std)
 
     # ---- training ----------------------------------------------------------------------------------------
     def loss(self, model, batch, *, sigma, layers: range, generator=None):
@@ -164,6 +193,31 @@ class RecurrentTask(AutoregressiveTask):
             probs = torch.stack([self.chain(model, xb[:, :-1], g).float().softmax(-1).cpu() for _ in range(draws)])
             out.append(M.mixture_nll(probs, xb[:, 1:].cpu()))
         return torch.cat(out).double()
+
+    def final_variants(self, model, device, held: HeldOutText) -> dict:
+        """The final evaluation at every other K of eval.recurrence_variants (e.g. the e2e arm at K = 16
+        as well as at r̄): perplexity, and with a reference gen_ppl, distinct-4 and MAUVE of one
+        continuation per prompt.  Keys as on test (the caller renames them for the split)."""
+        e, out = self.cfg.eval, {}
+        kind = "denoise" if self.cfg.is_dblocks else "test"
+        for k in e.recurrence_variants:
+            if k == self.K:
+                continue
+            with self.at_recurrence(k):
+                out[f"{kind}_ppl@K{k}"], out[f"{kind}_bpc@K{k}"], _ = self.perplexity(model, held, e.ppl_sequences,
+                                                                                     device)
+                if e.reference:
+                    m = self.generation_metrics(model, device, True, held, continuations=1)["metrics"]
+                    out.update({f"gen_ppl@K{k}": m["gen_ppl"], f"distinct4@K{k}": m["distinct4@gen"]})
+                    if "mauve@ref" in m:
+                        out[f"mauve@K{k}"] = m["mauve@ref"]
+        return out
+
+    def evaluate(self, model, device, final: bool = False, split: str = "val") -> dict:
+        result = super().evaluate(model, device, final, split)
+        if final:
+            result["inference_recurrence"] = self.K
+        return result
 
     def decoding_note(self) -> str:
         if self.cfg.is_dblocks:
