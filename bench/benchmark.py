@@ -297,6 +297,10 @@ def plot_memory(df: pd.DataFrame, path: Path, name: str) -> Path:
         if len(e2e):
             ideal = [e2e.iloc[0]["peak_bytes"] / MiB / b for b in rows["B"]]
             ax.plot([str(b) for b in rows["B"]], ideal, "k--o", label=f"{e2e.iloc[0]['mode']} peak / B")
+        accum = d[d["mode"] == ACCUM].set_index("B")["peak_bytes"]
+        if len(accum):  # the baseline at the same B: E2E over B accumulated micro-batches
+            ax.plot([str(b) for b in rows["B"]], [accum.get(b, float("nan")) / MiB for b in rows["B"]], "b:s",
+                    label=f"{ACCUM} peak (B micro-batches)")
         ax.set_title(f"{mode}, {residency}", fontsize=9)
         ax.set_xlabel("blocks B")
         ax.grid(alpha=0.3, axis="y")
@@ -318,12 +322,14 @@ def largest_trainable(base: RunConfig, device: torch.device, budget: int, modes:
     bs = base.train.batch_size
     rows = []
     for mode in modes:
-        residency = "offload" if mode.startswith("dblocks") else "resident"
-        step = B if mode.startswith("dblocks") else 1
+        dblocks = mode.startswith("dblocks")
+        residency = "offload" if dblocks else "resident"
+        step = B if dblocks else 1
+        accum = B if mode == ACCUM else 1   # e2e+accum: B micro-batches, like the B blocks of dblocks
 
         def peak(depth):
-            m = measure(variant(base, mode, B if mode.startswith("dblocks") else 1, bs, residency, depth), device, 0,
-                        first_block_only=True)
+            m = measure(variant(base, mode, B if dblocks else 1, bs, residency, depth), device, 0,
+                        first_block_only=True, accum_steps=accum)
             log(f"largest {mode}: depth {depth}: {m['peak_bytes'] / MiB:.0f} MiB")
             return m["peak_bytes"]
 
@@ -339,8 +345,20 @@ def largest_trainable(base: RunConfig, device: torch.device, budget: int, modes:
             if mid <= lo:
                 break
             lo, hi = (mid, hi) if peak(mid) <= budget else (lo, mid)
-        rows.append({"mode": mode, "residency": residency, "B": B if mode.startswith("dblocks") else 1,
+        rows.append({"mode": mode, "residency": residency, "B": B if dblocks or mode == ACCUM else 1,
                      "batch_size": bs, "deepest_depth": f">= {lo}" if lo == cap else lo})
+    return pd.DataFrame(rows)
+
+
+def baseline_table(df: pd.DataFrame) -> pd.DataFrame:
+    """Each dblocks row's peak beside every memory-saving baseline's (what the claim is judged by)."""
+    rows = []
+    for _, r in df[df["mode"].str.startswith("dblocks")].iterrows():
+        peaks = {"e2e": _peer_peak(df, "e2e", r["batch_size"]), ACCUM: _peer_peak(df, ACCUM, r["batch_size"], r["B"]),
+                 "e2e+ckpt": _peer_peak(df, "e2e+ckpt", r["batch_size"])}
+        rows.append({"mode": r["mode"], "residency": r["residency"], "B": r["B"], "batch_size": r["batch_size"],
+                     "dblocks_MiB": r["peak_bytes"] / MiB, **{f"{k}_MiB": v / MiB for k, v in peaks.items()},
+                     **{f"×{k}": v / r["peak_bytes"] for k, v in peaks.items()}})
     return pd.DataFrame(rows)
 
 
@@ -355,9 +373,10 @@ def render_markdown(df: pd.DataFrame, name: str, device, params_path, extra: pd.
     show = show.rename(columns={"peak_bytes": "peak_MiB", "parameters": "params_MiB", "gradients": "grads_MiB",
                                 "optimizer_state": "optim_MiB", "activations": "activations_MiB",
                                 "host_parked_bytes": "host_parked_MiB"})
-    cols = ["mode", "residency", "B", "batch_size", "peak_MiB", "params_MiB", "grads_MiB", "optim_MiB",
-            "activations_MiB", "host_parked_MiB", "allocator_peak_MiB", "mem_ratio", "median_step_ms",
-            "speed_ratio", "note"]
+    cols = [c for c in ["mode", "residency", "B", "batch_size", "micro_batch", "peak_MiB", "params_MiB", "grads_MiB",
+                        "optim_MiB", "activations_MiB", "host_parked_MiB", "allocator_peak_MiB", "mem_ratio",
+                        "mem_ratio_vs_accum", "mem_ratio_vs_ckpt", "median_step_ms", "speed_ratio", "note"]
+            if c in show]   # a CSV kept from before a column existed lacks it
     lines = [f"# Memory and speed: {name}\n",
              f"Produced by `{_command()}` (params {params_path}), code {track.git_sha()[:12]}, "
              f"device {track.device_name(device)}.\n",
@@ -365,10 +384,24 @@ def render_markdown(df: pd.DataFrame, name: str, device, params_path, extra: pd.
              "`bench.memory.MemoryMeter` (every tensor created in forward, backward and optimizer step), split by "
              "component at the peak, largest over blocks. `allocator_peak_MiB` is CUDA's own allocator peak (blank "
              "on CPU). `host_parked_MiB`: inactive blocks' weights and Adam state parked on the host (`offload`). "
-             "`mem_ratio` = e2e peak (same batch, same checkpointing) / this peak — the paper claims B. "
-             "`speed_ratio` = this step / (e2e step / B); the paper's H100 figure is 0.0181 / (0.0507 / 3) ≈ 1.07. "
+             f"`{ACCUM}` is E2E with gradient accumulation: B micro-batches of `micro_batch` = ceil(batch/B), "
+             "the same effective batch as e2e (a benchmark arm, not a training mode). "
+             "Each ratio is a baseline's peak / this row's peak (> 1: this row needs less): "
+             "`mem_ratio` against e2e at the same batch (the +ckpt rows against e2e+ckpt) — the paper claims B; "
+             f"`mem_ratio_vs_accum` (dblocks rows) against {ACCUM} with the same B; "
+             "`mem_ratio_vs_ckpt` (dblocks rows) against e2e+ckpt (activation checkpointing per layer), same batch. "
+             "`speed_ratio` = this step / (e2e step / B); the paper's H100 figure is 0.0181 / (0.0507 / 3) ≈ 1.07; "
+             f"for `{ACCUM}` rows it is this step / the e2e step (what micro-batching costs). "
              "Step times on a shared CPU are indicative only.\n",
              _markdown_table(show[cols]), f"\n![memory by component]({name}.png)\n"]
+    versus = baseline_table(df)
+    if len(versus):
+        lines += ["\n## DiffusionBlocks against the baselines a user would pick instead\n",
+                  "Peak MiB of each dblocks row and of each baseline; `×<baseline>` = that baseline's peak / the "
+                  f"dblocks peak. `e2e`: end-to-end at the same batch; `{ACCUM}`: E2E over the row's B "
+                  "micro-batches, gradients accumulated (same effective batch); `e2e+ckpt`: E2E with activation "
+                  "checkpointing per layer, same batch. nan: that baseline was not measured.\n",
+                  _markdown_table(versus)]
     if extra is not None:
         lines += [f"\n## Deepest trainable model within {budget / GiB:.3g} GiB (width and batch of the config; "
                   f"found by measuring; the search stops at depth {max_depth})\n", _markdown_table(extra)]

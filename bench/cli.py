@@ -9,6 +9,9 @@
   bench compare suites/vit_fashion/params.yaml                results/<suite>/comparison.{csv,md,png}
   bench memory  suites/vit_cifar100/params.yaml --budget 2GiB results/memory/: peak memory and speed per arm
   bench sweep   suites/vit_fashion/params.yaml [--resume]    Optuna study: B, partition, γ, noise, weighting
+  bench tune    suites/vit_fashion/params.yaml              equal tuning budget per arm, on validation only
+  bench train   suites/vit_fashion/params.yaml --arm e2e --seed 3   one seed of the verdict protocol
+  bench verdict suites/vit_fashion/params.yaml              paired differences over seeds, intervals, verdicts
   bench report                                                results/README.md: our numbers beside the paper's
   bench check [--update]                                      regression check of every suite's CI config
   bench run     suites/vit_fashion/params.yaml                all of the above, without DVC
@@ -141,6 +144,16 @@ def cmd_sweep(a) -> None:
     print(f"wrote {run_sweep(a.params, a.study, a.trials, a.resume)}")
 
 
+def cmd_tune(a) -> None:
+    from bench.tune import run_tuning
+    print(f"wrote {run_tuning(a.params)}")
+
+
+def cmd_verdict(a) -> None:
+    from bench.report_verdict import write_verdict
+    print(f"wrote {write_verdict(a.params)}")
+
+
 def cmd_check(a) -> None:
     from bench.check import run_checks, suites_with_checks
     paths = [Path(p) for p in a.params] or suites_with_checks()
@@ -251,6 +264,14 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("--resume", action="store_true", help="continue a study that exists (e.g. after a kill)")
     q.set_defaults(func=cmd_sweep)
 
+    q = sub.add_parser("tune", help="equal tuning budget per arm on validation (protocol.tune): results/<suite>/tuned.yaml")
+    q.add_argument("params", help="a suite's params.yaml with a `protocol:` section")
+    q.set_defaults(func=cmd_tune)
+
+    q = sub.add_parser("verdict", help="paired seed differences, bootstrap intervals and verdicts: results/<suite>/verdict.csv")
+    q.add_argument("params", help="a suite's params.yaml with a `protocol:` section")
+    q.set_defaults(func=cmd_verdict)
+
     q = sub.add_parser("check", help="regression check: small CI configs against results/baselines/")
     q.add_argument("params", nargs="*", help="suites' params.yaml (default: every suite with a `check:` section)")
     q.add_argument("--update", action="store_true", help="write the baselines instead of comparing (never in CI)")
@@ -269,11 +290,12 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     from bench.data.images import DatasetMissing
+    from bench.splits import TestSealed
     from bench.train import NonFiniteLoss
     args = build_parser().parse_args(argv)
     try:
         args.func(args)
-    except (ConfigError, DatasetMissing, NonFiniteLoss, FileNotFoundError, ValueError) as e:
+    except (ConfigError, DatasetMissing, NonFiniteLoss, TestSealed, FileNotFoundError, ValueError) as e:
         if os.environ.get("BENCH_DEBUG"):
             raise
         print(f"bench: error: {e}", file=sys.stderr)  # BENCH_DEBUG=1 shows the traceback

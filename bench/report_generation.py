@@ -1,6 +1,7 @@
 """Reports of the DiT generation suites, written into results/<suite>/ by the harness.
 
-  main suite    sample grids per arm, FID/KID table (train and test), the DB/E2E FID ratio,
+  main suite    sample grids per arm, FID/KID table (test, validation, train minus validation),
+                the FID of each σ grid with the grid chosen on validation FID, the DB/E2E FID ratio,
                 sampling cost per Euler step and per image (both arms timed interleaved in one
                 process, so machine load hits both alike) and the E2E/DB ratio
   ablations     the paper's Table 7 (partition × layer distribution, B = 3, γ = 0) and Table A2
@@ -9,7 +10,9 @@
 `bench compare` still writes the generic comparison table and the FID learning curve.
 The paper's numbers are DiT-S/2 on CIFAR-10 with 50 000 samples; ours are a small DiT on
 Fashion-MNIST with a few hundred to a thousand samples: different data and scale, so only the
-ordering can be compared, never the values.
+ordering can be compared, never the values.  Every FID column and figure names its resize: ours
+is torch-fidelity's TF-legacy bilinear resize, the paper's clean-fid's (bench/metrics/fid.py).
+Inference choices (the σ grid) are made on validation FID; the test FID of the choice is reported.
 """
 
 from __future__ import annotations
@@ -25,6 +28,7 @@ import torch
 
 from bench import atomic, track
 from bench.config import arm_names, load_config, model_config, read_params
+from bench.metrics import fid as fidlib
 from bench.report import _command, _markdown_table
 
 # The paper (v4): DiT-S/2, CIFAR-10, test FID-50k, γ = 0.  Table 7 and Table 10 [A2].
@@ -34,7 +38,8 @@ PAPER_TABLE7 = {("log-uniform", (4, 4, 4)): 43.53, ("log-uniform", (3, 6, 3)): 4
                 ("equiprobable", (6, 4, 2)): 45.42, ("equiprobable", (2, 4, 6)): 40.40}
 PAPER_TABLEA2 = {1: 39.83, 2: 35.47, 3: 38.03, 4: 45.43, 6: 53.32}
 PAPER_TABLE2_CIFAR = {"e2e": (32.84, 39.83), "dblocks": (30.59, 37.20)}   # train / test FID
-PAPER_LABEL = "paper: DiT-S/2, CIFAR-10, FID-50k"
+PAPER_RESIZE = "clean-fid resize"    # the paper's FIDs: clean-fid (antialiased bicubic to 299)
+PAPER_LABEL = f"paper: DiT-S/2, CIFAR-10, FID-50k ({PAPER_RESIZE})"
 
 
 def _suite(params_path) -> tuple[str, Path]:
@@ -89,25 +94,54 @@ def sampling_cost(params_path, arms: list[str], batch: int = 50, rounds: int = 3
 
 
 # ---- the main suite ---------------------------------------------------------------------------
+FID_COUNTS = ("fid_n", "fid_repeats", "fid_ref_n", "fid_resize")   # columns about the FID, not FIDs
+
+
+def _fid_labelled(df: pd.DataFrame) -> pd.DataFrame:
+    """The table with every FID/KID column named with the resize its Inception input had
+    (ours: torch-fidelity's; the paper's: clean-fid's)."""
+    def label(c: str) -> str:
+        if c in FID_COUNTS or c.startswith("chosen") or not ("fid" in c or "kid" in c):
+            return c
+        return f"{c} ({PAPER_RESIZE if c.startswith('paper_') else fidlib.RESIZE})"
+    return df.rename(columns=label)
+
+
+def grid_choice(evals: dict[str, tuple[str, dict]]) -> pd.DataFrame:
+    """Each arm's FIDs on every σ grid evaluated (its default and eval.final_variants' grids),
+    with `chosen`: the grid of the lowest *validation* FID; its test FID is the one reported."""
+    rows = []
+    for arm, (default_grid, ev) in evals.items():
+        rows.append({"arm": arm, "grid": default_grid, "default": True,
+                     "val_fid": ev["val_fid"], "test_fid": ev.get("test_fid", float("nan"))})
+        for key, value in ev.items():
+            if key.startswith("val_fid@grid_"):
+                variant = key.split("@", 1)[1]
+                rows.append({"arm": arm, "grid": variant.split("=", 1)[1], "default": False, "val_fid": value,
+                             "test_fid": ev.get(f"test_fid@{variant}", float("nan"))})
+    table = pd.DataFrame(rows)
+    table["chosen"] = False
+    table.loc[table.groupby("arm")["val_fid"].idxmin(), "chosen"] = True
+    return table
+
+
 def report_main(params_path, log=print) -> Path:
     suite, out = _suite(params_path)
     arms = arm_names(params_path)
-    rows, grids, on_grids = [], [], []
+    rows, grids, evals = [], [], {}
     for arm in arms:
         cfg = load_config(params_path, arm)
         run = Path(cfg.out_dir)
         ev = json.loads((run / "eval.json").read_text())
-        # the same weights on each sampler grid evaluated (the arm's default and eval.final_variants)
-        on_grids.append({"arm": arm, "grid": cfg.eval.grid_dblocks if cfg.is_dblocks else cfg.eval.grid_e2e,
-                         "default": True, "fid_test": ev["fid_test"]})
-        on_grids += [{"arm": arm, "grid": k.split("=", 1)[1], "default": False, "fid_test": v}
-                     for k, v in ev.items() if k.startswith("fid_test@grid_")]
+        evals[arm] = (cfg.eval.grid_dblocks if cfg.is_dblocks else cfg.eval.grid_e2e, ev)
         s = pd.read_csv(run / "summary.csv").iloc[0].to_dict()
         rows.append({"arm": arm, "mode": cfg.mode, "B": cfg.diffusion.num_blocks if cfg.is_dblocks else 1,
                      "gamma": cfg.diffusion.gamma if cfg.is_dblocks else "-",
-                     "fid_test": ev["fid_test"], "fid_train": ev.get("fid_train", float("nan")),
-                     "kid_test": ev["kid_test"], "kid_test_std": ev["kid_test_std"],
+                     "test_fid": ev.get("test_fid", float("nan")), "val_fid": ev["val_fid"],
+                     "train_fid": ev.get("train_fid", float("nan")),
+                     "test_kid": ev.get("test_kid", float("nan")), "test_kid_std": ev.get("test_kid_std", float("nan")),
                      "fid_n": ev["fid_n"], "fid_repeats": ev["fid_repeats"], "fid_ref_n": ev["fid_ref_n"] or "all",
+                     "fid_resize": ev.get("fid_resize", fidlib.RESIZE),
                      "layer_evals_train": int(s["layer_evals"]), "optimizer_steps": int(s["optimizer_steps"]),
                      "train_time_s": s["train_time_s"],
                      "peak_mem_MiB": s["peak_mem_bytes"] / 2**20, "device": s["device"], "git_sha": str(s["git_sha"])[:12]})
@@ -116,6 +150,8 @@ def report_main(params_path, log=print) -> Path:
         grids.append((arm, png))
     table = pd.DataFrame(rows)
     atomic.write_csv(out / "fid.csv", table)
+    by_grid = grid_choice(evals)
+    atomic.write_csv(out / "fid_by_grid.csv", by_grid)
     log("timing the samplers (interleaved) …")
     cost = sampling_cost(params_path, arms)
     e2e = cost[cost["mode"].str.startswith("e2e")]
@@ -126,29 +162,33 @@ def report_main(params_path, log=print) -> Path:
 
     md = _header(f"{suite}: image generation, end-to-end DiT vs DiffusionBlocks", table["device"].iloc[0],
                  table["git_sha"].iloc[0])
-    md.append("## FID and KID (final weights, matched training compute)\n")
-    md.append(_markdown_table(table.drop(columns=["device", "git_sha"])))
+    md.append(f"## FID and KID (final weights, matched training compute; {fidlib.RESIZE})\n")
+    md.append(_markdown_table(_fid_labelled(table.drop(columns=["device", "git_sha"]))))
     md.append(f"\nFID@N: N = `fid_n` generated images (classes balanced), minimum over `fid_repeats` sample sets, "
-              "against the first `fid_ref_n` images of the test (`fid_test`) and train (`fid_train`) splits; Inception-v3 "
-              "of the standard FID (TF 2015-12-05 weights, torch-fidelity). FID at small N is biased upwards "
+              "against the first `fid_ref_n` images of the test split (`test_fid`), of the validation images carved "
+              "from train (`val_fid`, `data.val_fraction`, `data.val_seed`) and of the train split minus validation "
+              "(`train_fid`); Inception-v3 of the standard FID (TF 2015-12-05 weights, torch-fidelity). "
+              f"**Resize: {fidlib.RESIZE_NOTE}.** FID at small N is biased upwards "
               "(Fashion-MNIST train vs test at N = 1000 already gives about 23), so compare arms only at equal N. "
               "KID (unbiased) against the test split. The Inception Score is not reported: the offline weights have no "
               "classifier head, so it cannot be computed.\n")
     by_mode = {r["mode"]: r for r in rows}
     if "e2e" in by_mode and "dblocks" in by_mode:
-        ratio = by_mode["dblocks"]["fid_test"] / by_mode["e2e"]["fid_test"]
-        md.append(f"**DB / E2E test FID: {ratio:.3f}** ({'within' if ratio <= 1.1 else 'outside'} the 1.1× bound); "
-                  f"the paper's CIFAR-10 ratio is {PAPER_TABLE2_CIFAR['dblocks'][1] / PAPER_TABLE2_CIFAR['e2e'][1]:.3f} "
+        ratio = by_mode["dblocks"]["test_fid"] / by_mode["e2e"]["test_fid"]
+        md.append(f"**DB / E2E test FID ({fidlib.RESIZE}): {ratio:.3f}** ({'within' if ratio <= 1.1 else 'outside'} the "
+                  f"1.1× bound); the paper's CIFAR-10 ratio (clean-fid) is "
+                  f"{PAPER_TABLE2_CIFAR['dblocks'][1] / PAPER_TABLE2_CIFAR['e2e'][1]:.3f} "
                   f"({PAPER_TABLE2_CIFAR['e2e'][1]} → {PAPER_TABLE2_CIFAR['dblocks'][1]}; different data and scale).\n")
-    by_grid = pd.DataFrame(on_grids)
     if by_grid["grid"].nunique() > 1:
-        wide = by_grid.pivot_table(index="grid", columns="arm", values="fid_test").reset_index()
-        md.append("### The same weights on each σ grid (test FID)\n")
-        md.append(_markdown_table(wide))
-        best = by_grid.loc[by_grid.groupby("arm")["fid_test"].idxmin()]
-        md.append("\nThe grid is an inference choice, not part of the method: each arm's row above uses its default "
-                  "(`eval.grid_dblocks`, `eval.grid_e2e`); each arm at its best grid: "
-                  + ", ".join(f"{r.arm} {r.fid_test:.1f} ({r.grid})" for r in best.itertuples()) + ".\n")
+        md.append(f"### The same weights on each σ grid (validation and test FID, {fidlib.RESIZE})\n")
+        shown = by_grid.sort_values(["arm", "grid"]).rename(columns={"chosen": "chosen (lowest val_fid)"})
+        md.append(_markdown_table(_fid_labelled(shown)))
+        chosen = by_grid[by_grid["chosen"]]
+        md.append("\nThe grid is an inference choice, not part of the method: each arm's row in the FID table above uses "
+                  "its default (`eval.grid_dblocks`, `eval.grid_e2e`). **Each arm at its best grid, the grid chosen on "
+                  "validation FID** (the test split plays no part in the choice), with the test FID of the chosen grid: "
+                  + ", ".join(f"{r.arm} {r.test_fid:.1f} ({r.grid}; val {r.val_fid:.1f})" for r in chosen.itertuples())
+                  + f" ({fidlib.RESIZE}; `fid_by_grid.csv`).\n")
     md.append("## Sampling cost\n")
     md.append(_markdown_table(cost))
     md.append(f"\nOne call = one Euler step of a batch of {int(cost['batch'].iloc[0])} images with classifier-free "
@@ -158,9 +198,9 @@ def report_main(params_path, log=print) -> Path:
     md.append("## Samples (one row per class, fixed seeds)\n")
     md += [f"**{arm}**\n\n![{arm}]({png.name})\n" for arm, png in grids]
     md_path = atomic.write_text(out / "generation.md", "\n".join(md))
-    metrics = {f"{r['arm']}.fid_test": r["fid_test"] for r in rows}
-    track.log_suite_artifacts(suite, params_path, [md_path, out / "fid.csv", out / "sampling_cost.csv",
-                                                    *[p for _, p in grids]], metrics)
+    metrics = {f"{r['arm']}.test_fid": r["test_fid"] for r in rows}
+    track.log_suite_artifacts(suite, params_path, [md_path, out / "fid.csv", out / "fid_by_grid.csv",
+                                                    out / "sampling_cost.csv", *[p for _, p in grids]], metrics)
     return md_path
 
 
@@ -177,7 +217,8 @@ def _ablation_rows(params_path) -> pd.DataFrame:
         d = cfg.diffusion
         layout = make_layout(model_config(cfg.model).depth, d.num_blocks, d.layer_distribution or None)
         rows.append({"arm": arm, "partition": d.partition, "layers": str(list(layout.layers_per_block)),
-                     "B": d.num_blocks, "gamma": d.gamma, "fid_test": s["fid_test"], "kid_test": s["kid_test"],
+                     "B": d.num_blocks, "gamma": d.gamma, "test_fid": s["test_fid"], "val_fid": s["val_fid"],
+                     "test_kid": s["test_kid"],
                      "fid_n": int(s.get("fid_n", cfg.eval.curve_fid_n)), "layer_evals": int(s["layer_evals"]),
                      "train_time_s": s["train_time_s"], "device": s["device"], "git_sha": str(s["git_sha"])[:12]})
     return pd.DataFrame(rows)
@@ -193,55 +234,58 @@ def report_ablations(params_path, log=print) -> Path:
 
     # Table 7: partition × layer distribution at B = 3
     t7 = df[df["B"] == 3].copy()
-    t7["paper_fid_test"] = [PAPER_TABLE7.get((p, tuple(json.loads(l)))) for p, l in zip(t7["partition"], t7["layers"])]
+    t7["paper_test_fid"] = [PAPER_TABLE7.get((p, tuple(json.loads(l)))) for p, l in zip(t7["partition"], t7["layers"])]
     t7 = t7.sort_values(["partition", "layers"])
     atomic.write_csv(out / "ablation_partition.csv", t7)
     fig, axes = plt.subplots(1, 2, figsize=(10, 4))
-    for ax, col, title in ((axes[0], "fid_test", f"ours: Fashion-MNIST, FID@{n}"), (axes[1], "paper_fid_test", PAPER_LABEL)):
+    for ax, col, title in ((axes[0], "test_fid", f"ours: Fashion-MNIST, FID@{n} ({fidlib.RESIZE})"),
+                           (axes[1], "paper_test_fid", PAPER_LABEL)):
         layouts = sorted(t7["layers"].unique())
         for i, part in enumerate(("equiprobable", "log-uniform")):
             sub = t7[t7["partition"] == part].set_index("layers").reindex(layouts)
             ax.bar([j + 0.4 * i for j in range(len(layouts))], sub[col], width=0.4, label=part)
         ax.set_xticks([j + 0.2 for j in range(len(layouts))], layouts)
         ax.set_xlabel("layers per block (first block = highest noise)")
-        ax.set_ylabel("test FID (lower is better)")
+        ax.set_ylabel("test FID (lower is better; resize in the title)")
         ax.set_title(title, fontsize=9)
         ax.legend(fontsize=8)
-    fig.suptitle("Partitioning × layer distribution (B = 3, γ = 0): different data and scale — compare orderings only",
+    fig.suptitle("Partitioning × layer distribution (B = 3, γ = 0): different data, scale and FID resize — "
+                 "compare orderings only",
                  fontsize=9)
     png7 = _save(fig, out / "ablation_partition.png")
 
     # Table A2: number of blocks, equiprobable, equal layers
     tb = df[(df["partition"] == "equiprobable")].copy()
     tb = tb[[len(set(json.loads(l))) == 1 for l in tb["layers"]]].sort_values("B")
-    tb["paper_fid_test"] = [PAPER_TABLEA2.get(int(b)) for b in tb["B"]]
+    tb["paper_test_fid"] = [PAPER_TABLEA2.get(int(b)) for b in tb["B"]]
     tb["sampling_speedup"] = tb["B"]   # layer evaluations per step: L → L/B
     atomic.write_csv(out / "ablation_blocks.csv", tb)
     fig, ax = plt.subplots(figsize=(6, 4))
-    ax.plot(tb["B"], tb["fid_test"], marker="o", label=f"ours: Fashion-MNIST, FID@{n}")
+    ax.plot(tb["B"], tb["test_fid"], marker="o", label=f"ours: Fashion-MNIST, FID@{n} ({fidlib.RESIZE})")
     ax2 = ax.twinx()
-    ax2.plot(tb["B"], tb["paper_fid_test"], marker="s", color="C1", label=PAPER_LABEL)
+    ax2.plot(tb["B"], tb["paper_test_fid"], marker="s", color="C1", label=PAPER_LABEL)
     ax.set_xlabel("number of blocks B (12 layers, equiprobable, γ = 0)")
-    ax.set_ylabel(f"ours: test FID@{n}", color="C0")
-    ax2.set_ylabel("paper: test FID-50k", color="C1")
+    ax.set_ylabel(f"ours: test FID@{n} ({fidlib.RESIZE})", color="C0")
+    ax2.set_ylabel(f"paper: test FID-50k ({PAPER_RESIZE})", color="C1")
     fig.legend(fontsize=8, loc="upper center")
-    ax.set_title("Block count: different data and scale — compare trends only", fontsize=9)
+    ax.set_title("Block count: different data, scale and FID resize — compare trends only", fontsize=9)
     pngb = _save(fig, out / "ablation_blocks.png")
 
-    cols = ["arm", "partition", "layers", "B", "fid_test", "kid_test", "paper_fid_test", "layer_evals", "train_time_s"]
+    cols = ["arm", "partition", "layers", "B", "test_fid", "val_fid", "test_kid", "paper_test_fid", "layer_evals",
+            "train_time_s"]
     md = _header(f"{suite}: partition and block-count ablations (γ = 0)", df["device"].iloc[0], df["git_sha"].iloc[0])
     md += ["Ours: a small DiT on Fashion-MNIST, each arm trained for the same layer-evaluation budget, test FID with "
            f"N = {n} generated images against the suite's test reference (biased upwards at this N; compare rows, not "
            "absolute values). Paper: DiT-S/2 on CIFAR-10, FID-50k (Table 7 and Table 10 [A2]). **Different data and "
-           "scale: only orderings are comparable.**\n",
-           "## Partitioning × layer distribution (paper Table 7)\n", _markdown_table(t7[cols]),
+           f"scale, and a different FID resize: {fidlib.RESIZE_NOTE}; only orderings are comparable.**\n",
+           "## Partitioning × layer distribution (paper Table 7)\n", _markdown_table(_fid_labelled(t7[cols])),
            f"\n![partition]({png7.name})\n"]
-    eq = t7[(t7["partition"] == "equiprobable") & (t7["layers"] == "[4, 4, 4]")]["fid_test"]
-    lu = t7[(t7["partition"] == "log-uniform") & (t7["layers"] == "[4, 4, 4]")]["fid_test"]
+    eq = t7[(t7["partition"] == "equiprobable") & (t7["layers"] == "[4, 4, 4]")]["test_fid"]
+    lu = t7[(t7["partition"] == "log-uniform") & (t7["layers"] == "[4, 4, 4]")]["test_fid"]
     if len(eq) and len(lu):
-        md.append(f"At [4, 4, 4]: equiprobable {eq.iloc[0]:.2f} vs log-uniform {lu.iloc[0]:.2f} "
+        md.append(f"At [4, 4, 4], test FID ({fidlib.RESIZE}): equiprobable {eq.iloc[0]:.2f} vs log-uniform {lu.iloc[0]:.2f} "
                   f"({'equiprobable better' if eq.iloc[0] < lu.iloc[0] else 'log-uniform better'}; paper 38.03 vs 43.53).\n")
-    md += ["## Number of blocks (paper Table 10 [A2])\n", _markdown_table(tb[cols + ["sampling_speedup"]]),
+    md += ["## Number of blocks (paper Table 10 [A2])\n", _markdown_table(_fid_labelled(tb[cols + ["sampling_speedup"]])),
            f"\n![blocks]({pngb.name})\n"]
     md_path = atomic.write_text(out / "ablations.md", "\n".join(md))
     track.log_suite_artifacts(suite, params_path, [md_path, png7, pngb, out / "ablation_partition.csv",

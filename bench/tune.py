@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import warnings
 from pathlib import Path
 
 import pandas as pd
@@ -66,13 +67,15 @@ def tune_arm(params_path, arm: str, log=print) -> dict:
     space = _space(proto, base)
     dists = _distributions(space, set(space), base.task, base.model["arch"], params_path)
     name = _study_name(proto.suite, arm, space, spec)
-    root = Path("runs") / proto.suite / "tune"
+    root = Path(read_params(params_path).get("runs_dir", "runs")) / proto.suite / "tune"
     root.mkdir(parents=True, exist_ok=True)
     study = optuna.create_study(
         study_name=name, storage=f"sqlite:///{root / 'optuna.db'}", load_if_exists=True,
         direction="maximize" if task_cls.higher_is_better else "minimize",
         sampler=optuna.samplers.TPESampler(seed=spec.seed))
-    study.set_metric_names([metric])
+    with warnings.catch_warnings():   # set_metric_names is marked experimental in Optuna 3/4
+        warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+        study.set_metric_names([metric])
 
     def finished() -> list:   # a trial killed mid-way is not counted: its params are tried again
         interrupted = set(study.user_attrs.get("interrupted", []))

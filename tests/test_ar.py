@@ -149,7 +149,7 @@ PARAMS = """
 suite: tiny_ar{name}
 task: autoregressive
 runs_dir: {tmp}/runs
-data: {{dataset: shakespeare, root: {root}, seq_len: 24, train_subset: 384, test_subset: 16}}
+data: {{dataset: shakespeare, root: {root}, seq_len: 24, train_subset: 384, val_subset: 16, test_subset: 16}}
 model: {{arch: llama, seq_len: 48, hidden: 32, depth: 4, heads: 2, cond_dim: 16}}
 diffusion: {{num_blocks: 4, gamma: 0.1}}
 train: {{batch_size: 16, epochs: 1, lr: 3.0e-3, warmup_epochs: 0.1, curve_points: 2, ckpt_every: 100, threads: 1}}
@@ -183,8 +183,10 @@ def test_untrained_denoiser_has_uniform_denoising_perplexity_and_gradients_stay_
     torch.manual_seed(0)
     model = task.build_model()
     # zero-initialised head: every chained prediction is uniform, so the denoising perplexity is V
-    r = task.evaluate(model, torch.device("cpu"))
-    assert r["denoise_ppl"] == pytest.approx(84, rel=1e-4) and r["denoise_bpc"] == pytest.approx(math.log2(84), rel=1e-4)
+    r = task.evaluate(model, torch.device("cpu"), split="val")
+    assert r["val_denoise_ppl"] == pytest.approx(84, rel=1e-4)
+    assert r["val_denoise_bpc"] == pytest.approx(math.log2(84), rel=1e-4)
+    assert task.evaluate(model, torch.device("cpu"), split="test")["denoise_ppl"] == pytest.approx(84, rel=1e-4)
     # gradient locality: a step of block 2 touches block 2's layers and the shared stem/head only
     _activate(model).train()
     g = torch.Generator().manual_seed(0)
@@ -247,11 +249,18 @@ def test_training_evaluation_compute_and_report(tmp_path, shakespeare_root, monk
         assert ev["train_layer_evals@total"] == s["layer_evals"] == 24 * 4
         assert ev["gen_samples"] == 20 and ev["mauve_n_real"] == 20 and 0 <= ev["mauve@ref"] <= 1
         assert ev["gen_ppl"] > 1 and ev["gen_ppl@data"] > 1
+        # validation: its own prompts, so its own real-text score, under val_ names
+        assert ev["val_gen_samples"] == 20 and 0 <= ev["val_mauve@ref"] <= 1
+        assert ev["val_gen_ppl"] > 1 and ev["val_gen_ppl@data"] > 1 and ev["val_gen_ppl@data"] != ev["gen_ppl@data"]
         assert (tmp_path / "results" / "tiny_ar" / f"samples_{arm}.md").read_text().count("## Sample") == 6
+        assert "from the val split" in Path(ev["val_samples_file"]).read_text()
+        assert ev["selection_metric"] == "val_gen_ppl" and ev["metric"] == "gen_ppl"
     assert evs["dblocks"]["train_token_layer_evals@total"] == 2 * evs["e2e"]["train_token_layer_evals@total"]
     assert evs["e2e"]["infer_layer_evals@per_token"] == evs["dblocks"]["infer_layer_evals@per_token"] == 4
     assert "test_ppl@exact" in evs["e2e"] and "denoise_ppl@4draws" in evs["dblocks"]
+    assert "val_ppl@exact" in evs["e2e"] and "val_denoise_ppl@4draws" in evs["dblocks"]
     assert {"gen_ppl@8steps", "distinct4@16steps", "mauve@16steps"} <= set(evs["dblocks"])   # 2B and 4B calls
+    assert {"val_gen_ppl@8steps", "val_distinct4@16steps"} <= set(evs["dblocks"])
     assert not any(k.endswith("steps") for k in evs["e2e"])
     monkeypatch.chdir(tmp_path)
     md = report(params, log=lambda *_: None).read_text()

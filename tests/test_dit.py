@@ -1,5 +1,6 @@
 """DiT and the generation task: shapes, adaLN-Zero, gradient locality, guidance, the sampler's
-step → block assignment, bad input, and one tiny run through the trainer on real Fashion-MNIST."""
+step → block assignment, bad input, the validation/test FID references and the test seal, and
+one tiny run through the trainer on real Fashion-MNIST."""
 
 import json
 from pathlib import Path
@@ -237,6 +238,49 @@ def test_imagenet_suite_stops_at_once_naming_both_paths(capsys):
     assert rc == 2 and "data.image_dir=" in capsys.readouterr().err
 
 
+# ---- splits: validation carved from train, test behind the seal --------------------------------
+def test_validation_reference_is_carved_from_train_and_left_out_of_training(params, fashion_root):
+    from bench.data.images import load_dataset
+    from bench.splits import carve_validation
+    task = make_task(load_config(params(root=fashion_root, n_train=0), "e2e", ["eval.fid_ref_n=0"]))
+    task.load()
+    full = load_dataset("fashion_mnist", fashion_root, splits=("train",))["train"].images
+    train_idx, val_idx = carve_validation(len(full), 0.1, 0)
+    assert task.num_train == len(train_idx) == 54000
+    assert torch.equal(task.val_data.read(), full[val_idx])
+    assert torch.equal(task.train_reference.read(), full[train_idx])      # train FID: no validation image
+    assert torch.equal(task.train_x, full[train_idx])                     # nor in training
+    names = {task.val_data.name, task.train_reference.name}
+    assert names == {"fashion_mnist-val0.1-seed0-firstall", "fashion_mnist-train-minus-val0.1-seed0-firstall"}
+    assert task.test_data().name == "fashion_mnist-test-firstall"
+
+
+def test_val_evaluation_works_while_the_test_split_is_sealed(params, fashion_root, fid_weights, tmp_path):
+    from bench.splits import TestSealed, selection
+    torch.set_num_threads(2)
+    cfg = load_config(params(root=fashion_root), "dblocks", ["eval.curve_fid_n=10", "eval.fid_ref_n=10"])
+    task = make_task(cfg)
+    task.check()
+    task.load()
+    model, cpu = task.build_model(), torch.device("cpu")
+    generations = []
+    generate = task.generate
+    task.generate = lambda *a, **k: (generations.append(1), generate(*a, **k))[1]
+    with selection("test"):
+        val = task.evaluate(model, cpu, split="val")
+        with pytest.raises(TestSealed):
+            task.test_data()
+        with pytest.raises(TestSealed):
+            task.evaluate(model, cpu, split="test")
+    assert set(val) == {"val_fid", "val_kid", "val_kid_std", "fid_n"} and val["val_fid"] > 0
+    assert generations == [1]                              # the sealed test evaluation sampled nothing
+    test = task.evaluate(model, cpu, split="test")         # unsealed: the same samples, the test reference
+    assert set(test) == {"test_fid", "test_kid", "test_kid_std", "fid_n"}
+    assert generations == [1] and test["test_fid"] != val["val_fid"]
+    cached = sorted(p.name for p in (tmp_path / "fidcache").iterdir())
+    assert [n.split("-first")[0] for n in cached] == ["fashion_mnist-test", "fashion_mnist-val0.1-seed0"]
+
+
 # ---- through the trainer, on real data ----------------------------------------------------------
 @pytest.mark.slow
 def test_tiny_run_trains_evaluates_and_draws_a_grid(params, fashion_root, fid_weights):
@@ -245,10 +289,11 @@ def test_tiny_run_trains_evaluates_and_draws_a_grid(params, fashion_root, fid_we
     p = params(root=fashion_root, n_train=64)
     cfg = load_config(p, "dblocks")
     s = train(cfg, progress=False, log=lambda *_: None)
-    assert s["optimizer_steps"] == 6 and s["fid_n"] == 10 and s["fid_test"] > 0
+    assert s["optimizer_steps"] == 6 and s["fid_n"] == 10 and s["test_fid"] > 0 and s["val_fid"] > 0
+    assert s["metric"] == "test_fid" and s["selection_metric"] == "val_fid"
     ev = evaluate_arm(cfg, log=lambda *_: None)
-    assert {"fid_test", "fid_train", "kid_test", "sec_per_step", "sec_per_image"} <= set(ev)
-    assert ev["fid_n"] == 20 and ev["layer_evals_per_image"] == 6 * 2 * 2
+    assert {"val_fid", "test_fid", "train_fid", "val_kid", "test_kid", "sec_per_step", "sec_per_image"} <= set(ev)
+    assert ev["fid_n"] == 20 and ev["layer_evals_per_image"] == 6 * 2 * 2 and ev["fid_resize"] == "TF-bilinear resize"
     assert not any("isc" in k or "inception_score" in k for k in ev)
     assert (Path(cfg.out_dir) / "samples.png").exists()
-    assert json.loads((Path(cfg.out_dir) / "eval.json").read_text())["fid_test"] == ev["fid_test"]
+    assert json.loads((Path(cfg.out_dir) / "eval.json").read_text())["test_fid"] == ev["test_fid"]

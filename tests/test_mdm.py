@@ -13,6 +13,7 @@ from bench.diffusion import MaskingSchedule, make_masking_partition, md4_nelbo, 
 from bench.diffusion.masking import (ancestral_step, mask_tokens, masked_ce_sum, masking_edges, mc_mean_stderr,
                                      sample_masked)
 from bench.models.mdm import MDM, MDMConfig
+from bench.splits import TestSealed, selection
 from bench.tasks import make_task
 from bench.train import train
 
@@ -202,7 +203,7 @@ PARAMS = """
 suite: tiny_mdm
 task: masked_lm
 runs_dir: {tmp}/runs
-data: {{dataset: shakespeare, root: {root}, seq_len: 32, train_subset: 512, test_subset: 16}}
+data: {{dataset: shakespeare, root: {root}, seq_len: 32, train_subset: 512, val_subset: 16, test_subset: 16}}
 model: {{arch: mdm, seq_len: 32, hidden: 32, depth: 6, heads: 2, cond_dim: 16}}
 diffusion: {{num_blocks: 3, gamma: 0.05}}
 train: {{batch_size: 32, epochs: 1, lr: 3.0e-3, warmup_epochs: 0.1, curve_points: 2, ckpt_every: 10, threads: 2}}
@@ -230,22 +231,44 @@ def params(tmp_path, shakespeare_root):
 
 
 def test_untrained_model_has_the_uniform_bpc_and_both_routes_agree(params):
-    """An untrained model predicts uniformly, so its ELBO is exactly log2(V) bits per character."""
+    """An untrained model predicts uniformly, so its ELBO is exactly log2(V) bits per character,
+    on either split, each under its own names."""
     for arm in ("e2e", "dblocks"):
         task = make_task(load_config(params, arm))
         task.check()
         task.load()
         torch.manual_seed(0)
         model = task.build_model()
-        r = task.evaluate(model, torch.device("cpu"))
-        assert r["test_bpc"] == pytest.approx(math.log2(84), abs=4 * r["test_bpc_se"]) and r["test_bpc_se"] > 0
+        for split, key in (("val", "val_bpc"), ("test", "test_bpc")):
+            r = task.evaluate(model, torch.device("cpu"), split=split)
+            assert set(r) == {key, f"{key}_se"}
+            assert r[key] == pytest.approx(math.log2(84), abs=4 * r[f"{key}_se"]) and r[f"{key}_se"] > 0
     assert task.partition.num_blocks == 3 and task.partition.interval(0) == pytest.approx((2 / 3, 1))
+
+
+def test_a_sealed_test_split_leaves_validation_scoreable(params):
+    """Inside a selection the task loads and scores validation, but never opens test."""
+    task = make_task(load_config(params, "dblocks"))
+    torch.manual_seed(0)
+    model = task.build_model()
+    with selection("test"):
+        task.check()
+        task.load()
+        r = task.evaluate(model, torch.device("cpu"), split="val")
+        assert r["val_bpc"] > 0 and not any(k.startswith("test") for k in r)
+        with pytest.raises(TestSealed, match="sealed during test"):
+            task.test_data()
+        with pytest.raises(TestSealed):
+            task.evaluate(model, torch.device("cpu"), split="test")
+    # validation and test are different text: the same windows of each hold other tokens
+    assert task.val_data.split == "val" and task.test_data().split == "test"
+    assert (task.val_data.tokens[:256] != task.test_data().tokens[:256]).any()
 
 
 def test_training_learns_resumes_exactly_and_writes_samples(params, tmp_path):
     cfg = load_config(params, "dblocks")
     s = train(cfg, progress=False, log=lambda *_: None)
-    assert s["optimizer_steps"] == 3 * 16 and s["test_bpc"] < math.log2(84) - 0.5
+    assert s["optimizer_steps"] == 3 * 16 and s["test_bpc"] < math.log2(84) - 0.5 and s["val_bpc"] < math.log2(84) - 0.5
     # killed after its step-20 checkpoint and resumed: the same weights as the uninterrupted run
     again = load_config(params, "dblocks")
     again.out_dir = str(tmp_path / "again")
@@ -271,9 +294,11 @@ def test_training_learns_resumes_exactly_and_writes_samples(params, tmp_path):
     # the final evaluation: standard error, per-range BPC summing to the total, samples on disk
     from bench.evaluate import evaluate_arm
     ev = evaluate_arm(cfg, log=lambda *_: None)
-    parts = [v for k, v in ev.items() if k.startswith("test_bpc@t")]
-    assert len(parts) == 3 and sum(parts) == pytest.approx(ev["test_bpc"])
-    assert ev["test_bpc_se@3draws"] == ev["test_bpc_se"] > 0 and ev["test_sequences"] == 16
+    for split in ("val", "test"):   # the final evaluation scores both, each under its own names
+        parts = [v for k, v in ev.items() if k.startswith(f"{split}_bpc@t")]
+        assert len(parts) == 3 and sum(parts) == pytest.approx(ev[f"{split}_bpc"])
+        assert ev[f"{split}_bpc_se@3draws"] == ev[f"{split}_bpc_se"] > 0 and ev[f"{split}_sequences"] == 16
+    assert ev["val_bpc"] != ev["test_bpc"] and ev["val_chars_per_token"] == ev["chars_per_token"] == 1
     samples = (tmp_path / "results" / "tiny_mdm" / "samples_dblocks.md").read_text()
     assert samples.count("## Passage") == 2 and "B = 3" in samples
 
@@ -288,7 +313,7 @@ def test_bad_input_is_one_line_before_compute(params, tmp_path):
     with pytest.raises(ConfigError, match="data.seq_len 64 must be between 1 and model.seq_len 32"):
         load_config(params, "dblocks", ["data.seq_len=64"])
     task = make_task(load_config(params, "e2e", ["data.seq_len=300000", "model.seq_len=300000", "data.random_offset=false"]))
-    with pytest.raises(ConfigError, match=r"data.seq_len 300000 is larger than the test split of shakespeare_char \(256,150 tokens\)"):
+    with pytest.raises(ConfigError, match=r"data.seq_len 300000 is larger than the val split of shakespeare_char \(259,904 tokens\)"):
         task.check()
     with pytest.raises(ConfigError, match="model.vocab_size 50 differs from the prepared data's 84"):
         make_task(load_config(params, "e2e", ["model.vocab_size=50"])).check()

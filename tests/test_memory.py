@@ -1,10 +1,11 @@
-"""The memory meter, offload residency, and the shape of the memory-vs-B curve."""
+"""The memory meter, offload residency, the shape of the memory-vs-B curve, and the
+gradient-accumulation baseline."""
 
 import pandas as pd
 import pytest
 import torch
 
-from bench.benchmark import measure, variant
+from bench.benchmark import ACCUM, accumulation_step, measure, micro_batch_sizes, split_batch, variant
 from bench.config import load_config
 from bench.memory import MemoryMeter
 
@@ -120,11 +121,11 @@ def test_killed_benchmark_resumes_and_depth_search_stops_at_its_cap(tmp_path, mo
     calls = []
     real = benchmark.measure
 
-    def counting(cfg, device, time_steps=3, first_block_only=False):
+    def counting(cfg, device, time_steps=3, first_block_only=False, accum_steps=1):
         calls.append(cfg.mode)
         if len(calls) == 3:
             raise KeyboardInterrupt   # killed during the third row
-        return real(cfg, device, time_steps, first_block_only)
+        return real(cfg, device, time_steps, first_block_only, accum_steps)
 
     monkeypatch.setattr(benchmark, "measure", counting)
     args = dict(blocks=[1, 2], batch_sizes=[8], modes=["e2e", "dblocks"], residencies=["offload"], out_dir=out,
@@ -140,3 +141,70 @@ def test_killed_benchmark_resumes_and_depth_search_stops_at_its_cap(tmp_path, mo
     assert len(df) == 3 and sum("kept from the earlier run" in line for line in lines) == 2
     md = (out / "tiny.md").read_text()
     assert "| >= 4 |" in md            # e2e fits any depth within 1 TiB: reported as at least the cap
+
+
+def test_micro_batches_cover_the_batch():
+    assert micro_batch_sizes(32, 3) == [11, 11, 10] and micro_batch_sizes(8, 1) == [8]
+    with pytest.raises(ValueError, match="into 9 micro-batches"):
+        micro_batch_sizes(8, 9)
+
+
+def test_accumulated_gradient_is_the_full_batch_gradient(tmp_path):
+    """B micro-batches, loss weighted by their share: the gradient the optimizer steps on (after the
+    trainer's clipping) is the full batch's."""
+    from bench.tasks import make_task
+    from bench.train import backward_step, build_model, forward_loss
+    cfg = variant(tiny_config(tmp_path), ACCUM, 1, 30, "resident")
+    assert cfg.mode == "e2e" and cfg.arm == ACCUM
+    task = make_task(cfg)
+    torch.manual_seed(0)
+    model = build_model(cfg, task)
+    batch, gen = task.example_batch(30, "cpu"), torch.Generator().manual_seed(0)
+
+    class Recorder:  # an optimizer that records the gradient it would step on
+        def zero_grad(self):
+            model.zero_grad(set_to_none=True)
+
+        def step(self):
+            self.grads = [p.grad.clone() for p in model.parameters()]
+
+    full, accumulated = Recorder(), Recorder()
+    loss, _, _ = forward_loss(cfg, task, model, batch, None, gen)
+    backward_step(cfg, model, full, loss)
+    accumulation_step(cfg, task, model, accumulated, split_batch(cfg, batch, 4), gen)  # 8, 8, 7, 7
+    for a, b in zip(full.grads, accumulated.grads):
+        assert torch.allclose(a, b, rtol=1e-4, atol=1e-7)
+
+
+def test_accumulation_arm_activations_fall_with_B(tmp_path):
+    base = tiny_config(tmp_path)
+    rows = {B: measure(variant(base, ACCUM, 1, 32, "resident"), torch.device("cpu"), 0, accum_steps=B)
+            for B in (1, 2, 4, 8)}
+    acts = [rows[B]["activations"] for B in (1, 2, 4, 8)]
+    assert all(b < a for a, b in zip(acts, acts[1:])), acts
+    assert acts[-1] < 0.35 * acts[0], acts   # a micro-batch of 4 keeps ~1/8 of the batch's activations
+    assert rows[8]["peak_bytes"] < rows[1]["peak_bytes"]
+    assert len({rows[B]["parameters"] for B in rows}) == 1 and len({rows[B]["optimizer_state"] for B in rows}) == 1
+    with pytest.raises(ValueError, match="e2e baseline"):
+        measure(variant(base, "dblocks", 2, 32, "resident"), torch.device("cpu"), 0, accum_steps=2)
+
+
+def test_benchmark_compares_dblocks_with_accumulation_and_checkpointing(tmp_path, monkeypatch):
+    from bench import benchmark
+    monkeypatch.setenv("BENCH_MLFLOW", "0")
+    tiny_config(tmp_path)
+    out = tmp_path / "mem"
+    benchmark.memory_benchmark(tmp_path / "p.yaml", blocks=[1, 2], batch_sizes=[8], residencies=["offload"],
+                               out_dir=out, time_steps=1, log=lambda *_: None)   # default arms
+    df = pd.read_csv(out / "tiny.csv")
+    accum = df[df["mode"] == ACCUM].set_index("B")
+    assert list(accum.index) == [1, 2] and list(accum["micro_batch"]) == [8, 4]
+    db = df[df["mode"] == "dblocks"].set_index("B")
+    ckpt = df[df["mode"] == "e2e+ckpt"].iloc[0]
+    for B in (1, 2):
+        assert db.loc[B, "mem_ratio_vs_accum"] == pytest.approx(accum.loc[B, "peak_bytes"] / db.loc[B, "peak_bytes"])
+        assert db.loc[B, "mem_ratio_vs_ckpt"] == pytest.approx(ckpt["peak_bytes"] / db.loc[B, "peak_bytes"])
+    assert accum["mem_ratio_vs_accum"].isna().all()
+    md = (out / "tiny.md").read_text()
+    assert "against the baselines a user would pick instead" in md and "| ×e2e+accum |" in md.replace(" ×", " ×")
+    assert "`mem_ratio_vs_accum` (dblocks rows) against e2e+accum with the same B" in md

@@ -7,10 +7,12 @@ import numpy as np
 import pytest
 import torch
 
+from bench import seeding
 from bench.config import ConfigError, load_config
 from bench.data.text import TextSpec, prepare_text
 from bench.diffusion import LogNormalNoise, sigmas_equiprobable
 from bench.models.recurrent import RecurrentConfig, RecurrentLM
+from bench.splits import metric_on
 from bench.tasks import make_task
 from bench.tasks.recurrent import sample_recurrence
 
@@ -90,12 +92,12 @@ PARAMS = """
 suite: tiny_rec
 task: recurrent
 runs_dir: {tmp}/runs
-data: {{dataset: shakespeare, root: {root}, seq_len: 16, train_subset: 256, test_subset: 8}}
+data: {{dataset: shakespeare, root: {root}, seq_len: 16, train_subset: 256, val_subset: 8, test_subset: 8}}
 model: {{arch: recurrent, seq_len: 40, hidden: 16, heads: 2, mean_recurrence: 6, bptt: 2}}
 diffusion: {{num_blocks: 1, gamma: 0.0}}
 train: {{batch_size: 16, epochs: 1, lr: 3.0e-3, warmup_epochs: 0.1, curve_points: 2, ckpt_every: 100, threads: 1}}
 eval: {{batch_size: 32, curve_ppl_sequences: 4, ppl_sequences: 8, prompt_len: 8, gen_len: 8, recurrence: 4,
-        noise_draws: 2, mauve: false, samples_dir: {tmp}/results}}
+        recurrence_variants: [4], noise_draws: 2, mauve: false, samples_dir: {tmp}/results}}
 arms:
   e2e: {{mode: e2e}}
   dblocks: {{mode: dblocks, train.epochs: 3}}
@@ -122,15 +124,20 @@ def test_compute_accounting_counts_every_unrolled_iteration(params):
     ev_e2e, ev_db = evaluate_arm(e2e, log=lambda *_: None), evaluate_arm(db, log=lambda *_: None)
     steps = s_e2e["optimizer_steps"]
     assert steps == 16 and s_db["optimizer_steps"] == 48
-    rs = [sample_recurrence(0 * 7919 + k, 6, 0.5) for k in range(steps)]
+    rs = [sample_recurrence(seeding.stream_seed(0, "augment", k), 6, 0.5) for k in range(steps)]
     assert ev_e2e["train_layer_evals@total"] == sum(2 + 4 * r + 2 for r in rs)            # every iteration counted
     assert s_e2e["layer_evals"] == ev_e2e["train_layer_evals@total"]                      # by the trainer too
     assert s_db["layer_evals"] == 48 * 8
     assert ev_e2e["train_backward_layer_evals@total"] == sum(2 + 4 * min(r, 2) + 2 for r in rs)
     assert ev_db["train_layer_evals@total"] == ev_db["train_backward_layer_evals@total"] == 48 * 8
-    assert ev_e2e["infer_layer_evals@per_token"] == 2 + 4 * 4 + 2
+    # e2e infers at its training mean r̄ = 6 (eval.recurrence 4 is the denoiser's K), and at K = 4 as a variant
+    assert ev_e2e["inference_recurrence"] == 6 and ev_e2e["infer_layer_evals@per_token"] == 2 + 4 * 6 + 2
     assert ev_db["infer_layer_evals@per_token"] == 2 + (4 + 2) * 4 and ev_db["inference_steps"] == 4
-    assert 1 < ev_e2e["test_ppl"] < 84 * 3 and 1 < ev_db["denoise_ppl"]
+    assert ev_db["inference_recurrence"] == 4 and not any("@K" in k for k in ev_db)   # its own K: no variant
+    for split in ("val", "test"):
+        ppl = metric_on("test_ppl", split)
+        assert 1 < ev_e2e[ppl] < 84 * 3 and 1 < ev_db[metric_on("denoise_ppl", split)]
+        assert 1 < ev_e2e[f"{ppl}@K4"] and ev_e2e[f"{ppl}@K4"] != ev_e2e[ppl]
 
 
 def test_untrained_denoiser_is_uniform_and_its_chain_makes_k_calls(params):
@@ -139,14 +146,20 @@ def test_untrained_denoiser_is_uniform_and_its_chain_makes_k_calls(params):
     task.load()
     torch.manual_seed(0)
     model = task.build_model()
-    r = task.evaluate(model, torch.device("cpu"))
-    assert r["denoise_ppl"] == pytest.approx(84, rel=1e-4)                       # zero-initialised head
+    r = task.evaluate(model, torch.device("cpu"), split="val")
+    assert r["val_denoise_ppl"] == pytest.approx(84, rel=1e-4)                   # zero-initialised head
     calls = []
     real = task.recurrent_logits
     task.recurrent_logits = lambda *a: calls.append(1) or real(*a)
-    x = torch.from_numpy(task.test_tokens[:10].astype(np.int64))[None]
+    x = torch.from_numpy(task.val_data.tokens[:10].astype(np.int64))[None]
     task.next_token_logits(model, x, torch.Generator().manual_seed(0))
     assert len(calls) == task.K == 4
+
+
+def test_e2e_infers_at_its_mean_recurrence_unless_told(params):
+    assert make_task(load_config(params, "e2e")).K == 6                         # r̄, not eval.recurrence (4)
+    assert make_task(load_config(params, "e2e", ["eval.e2e_recurrence=3"])).K == 3
+    assert make_task(load_config(params, "dblocks", ["eval.recurrence=0"])).K == 6
 
 
 def test_bad_input(params):
@@ -156,3 +169,5 @@ def test_bad_input(params):
         load_config(params, "e2e", ["eval.prompt_len=40"])
     with pytest.raises(ConfigError, match="mean_recurrence and bptt must be >= 1"):
         load_config(params, "e2e", ["model.bptt=0"])
+    with pytest.raises(ConfigError, match="eval.recurrence_variants must be iteration counts >= 1"):
+        load_config(params, "e2e", ["eval.recurrence_variants=[0]"])

@@ -18,11 +18,10 @@ Mapping (TF layer name → torch-fidelity module).  Inside the TorchScript file 
 
 The resize.  torch-fidelity's network resizes every image to 299×299 itself, with its
 re-implementation of TensorFlow 1's bilinear resize (`interpolate_bilinear_2d_like_tensorflow1x`:
-no antialiasing, align_corners=False), i.e. the "legacy TF" FID of the original TTUR code and
-pytorch-fid.  clean-fid's default mode, which the paper's numbers come from, resizes with PIL's
-antialiased bicubic instead; the two give different FIDs for the same images (most at low
-resolution, such as 28×28 or 32×32 upsampled to 299), so our FIDs are labelled with `RESIZE`
-and are comparable with each other, never with the paper's values.
+no antialiasing, align_corners=False), i.e. the legacy TensorFlow FID of the original TTUR code
+(clean-fid's `legacy_tensorflow` mode).  clean-fid's default `clean` mode, which the paper's
+numbers come from, resizes with PIL's antialiased bicubic instead; the two give different FIDs for the same images, so every FID we report is
+labelled with `RESIZE` and is comparable with our other FIDs, never with the paper's values.
 
 No Inception Score.  IS needs the 1008-way logits of the classifier head, which the wheel's
 network does not contain; torch-fidelity would silently return IS = 1.0 from the zero head, a
@@ -57,8 +56,8 @@ FEATURE_DIM = 2048
 # how images reach the Inception input: what every FID column and figure must name
 RESIZE = "TF-bilinear resize"
 RESIZE_NOTE = ("FID and KID are torch-fidelity's, whose Inception input is resized to 299 with TensorFlow 1's "
-               "bilinear resize (no antialiasing; the legacy TTUR / pytorch-fid FID), not clean-fid's antialiased "
-               "bicubic resize that the paper used; the two disagree, so compare our FIDs with each other only")
+               "bilinear resize (no antialiasing; the legacy TensorFlow FID), not clean-fid's antialiased bicubic "
+               "resize that the paper used; the two disagree, so compare our FIDs with each other only")
 
 
 class WeightsError(ValueError):

@@ -1,0 +1,229 @@
+"""`bench verdict`: a suite's results under the verdict protocol, from finished runs only (it
+never trains).
+
+Reads runs/<suite>/<arm>/seed<N>/{eval.json, summary.csv, history.csv} for every arm of
+protocol.pairs and every seed, and writes into results/<suite>/:
+
+  seeds.csv           one row per (arm, seed): validation and test figures, steps, FLOPs, params
+  verdict.csv         one row per claim of the paper: metric, seeds, mean paired difference, 95%
+                      bootstrap interval, P(DB ≥ E2E), the pre-set margin, the verdict
+  comparison.md       the protocol, the per-arm table (mean ± sd over seeds), the verdicts, the
+                      compute and parameter ratios of each pair, the per-seed figures
+  learning_curve.csv / .png   test metric vs training compute, mean over seeds with the min–max band
+
+Test figures are the final evaluation's (`bench evaluate`); validation figures are reported
+beside them because every choice (tuning, variants) was made on them.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import json
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+
+from bench import atomic
+from bench.config import load_config, read_params
+from bench.protocol import Protocol, load_protocol
+from bench.report import _command, _markdown_table
+from bench.splits import metric_on
+from bench.verdict import compare_pair
+
+CLAIMS = {
+    "a": "DB ≈ E2E at matched compute",
+    "b": "equiprobable beats uniform / log-uniform partitioning",
+    "c": "B = 2–4 beats B = 1 and B = 6",
+    "d": "training memory falls ~B×",
+    "e": "DB sampling is ~B× cheaper",
+    "f": "recurrent DB needs ~10× less training compute",
+}
+MATCHED = 0.10   # "matched compute" is claimed only where the FLOP ratio is within 10%
+
+
+def arm_compute(cfg) -> dict:
+    """Training FLOPs (FlopCounterMode on one step of each block, times the steps that trained
+    it, replaying the run's own block draws) and the parameter count of an arm."""
+    import torch
+
+    from bench import seeding
+    from bench.blocks import BlockSampler
+    from bench.flops import param_counts, run_flops, step_flops
+    from bench.tasks import make_task
+    from bench.train import Budget, build_model
+
+    summary = pd.read_csv(Path(cfg.out_dir) / "summary.csv").iloc[0]
+    steps = int(summary["optimizer_steps"])
+    task = make_task(cfg)
+    torch.manual_seed(0)
+    model = build_model(cfg, task)
+    per_step = step_flops(cfg, task, model, torch.device("cpu"))
+    counts = None
+    if cfg.is_dblocks:
+        sampler = BlockSampler(cfg.diffusion.num_blocks, seeding.stream_seed(cfg.train.seed, "block"))
+        counts = np.bincount([sampler.sample() for _ in range(steps)], minlength=cfg.diffusion.num_blocks).tolist()
+    return {"train_flops": run_flops(cfg, per_step, Budget(0, 0, steps, 0), counts),
+            "params": param_counts(model)["total"]}
+
+
+def collect_seeds(params_path, proto: Protocol) -> pd.DataFrame:
+    rows = []
+    for arm in proto.arms:
+        for seed in proto.seeds:
+            cfg = load_config(params_path, arm, seed=seed)
+            out = Path(cfg.out_dir)
+            missing = [f for f in ("eval.json", "summary.csv") if not (out / f).exists()]
+            if missing:
+                raise FileNotFoundError(f"{out / missing[0]} not found: run `bench train {params_path} --arm {arm} "
+                                        f"--seed {seed}` and `bench evaluate …` first (or scripts/run_seeds.sh)")
+            ev = json.loads((out / "eval.json").read_text())
+            s = pd.read_csv(out / "summary.csv").iloc[0]
+            metric = ev["metric"]
+            rows.append({"arm": arm, "seed": seed, "mode": cfg.mode, "metric": metric,
+                         "val": ev[metric_on(metric, "val")], "test": ev[metric],
+                         **{k: v for k, v in ev.items() if "@" in k and isinstance(v, (int, float))},
+                         "optimizer_steps": int(s["optimizer_steps"]), "layer_evals": int(s["layer_evals"]),
+                         "train_time_s": float(s["train_time_s"]), "peak_mem_MiB": float(s["peak_mem_bytes"]) / 2**20,
+                         **arm_compute(cfg), "git_sha": str(s["git_sha"])[:12], "device": s["device"]})
+    return pd.DataFrame(rows)
+
+
+def pair_rows(seeds: pd.DataFrame, proto: Protocol, higher_is_better: bool) -> list[dict]:
+    rows = []
+    for name, (e2e, db) in proto.pairs.items():
+        a = seeds[seeds["arm"] == e2e].set_index("seed").loc[proto.seeds]
+        b = seeds[seeds["arm"] == db].set_index("seed").loc[proto.seeds]
+        flop_ratio = float(b["train_flops"].mean() / a["train_flops"].mean())
+        param_ratio = float(b["params"].mean() / a["params"].mean())
+        matched = abs(flop_ratio - 1) <= MATCHED
+        r = compare_pair(a["test"].tolist(), b["test"].tolist(), higher_is_better, proto.margin, proto.margin_relative)
+        val = compare_pair(a["val"].tolist(), b["val"].tolist(), higher_is_better, proto.margin, proto.margin_relative)
+        rows.append({"claim": "a", "statement": CLAIMS["a"] if matched else
+                     f"DB vs E2E (compute NOT matched: FLOP ratio DB/E2E {flop_ratio:.2f})",
+                     "pair": name, "e2e_arm": e2e, "db_arm": db, "metric": a["metric"].iloc[0], **r,
+                     "val_mean_diff": val["mean_diff"], "flop_ratio_db_e2e": flop_ratio,
+                     "param_ratio_db_e2e": param_ratio, "compute": "matched" if matched else "not matched"})
+    return rows
+
+
+def memory_rows(suite: str, B: int, margin: float = 0.1) -> list[dict]:
+    """Claim (d), from `bench memory`: DB's measured peak (offload, this B) against each baseline
+    a user would pick instead.  Bytes are measured, not sampled: one measurement, no interval.
+    Signed difference: ratio/B − 1; matches within ±margin (10% of B), better/worse beyond."""
+    path = Path("results/memory") / f"{suite}.csv"
+    if not path.exists():
+        return [{"claim": "d", "statement": CLAIMS["d"], "verdict": "not tested", "note": f"no {path}"}]
+    m = pd.read_csv(path)
+    m = m[m["batch_size"] == m["batch_size"].max()]
+    db = m[(m["mode"] == "dblocks") & (m["residency"] == "offload") & (m["B"] == B)]
+    if db.empty:
+        return [{"claim": "d", "statement": CLAIMS["d"], "verdict": "not tested", "note": f"no B = {B} row in {path}"}]
+    peak = float(db["peak_bytes"].iloc[0])
+    rows = []
+    for base in ("e2e", "e2e+accum", "e2e+ckpt"):
+        ref = m[(m["mode"] == base) & ((m["B"] == B) if base == "e2e+accum" else (m["B"] == 1))]
+        if ref.empty:
+            continue
+        ratio = float(ref["peak_bytes"].iloc[0]) / peak
+        d = ratio / B - 1
+        rows.append({"claim": "d", "statement": f"{CLAIMS['d']} (against {base})", "pair": f"{base} vs dblocks offload",
+                     "metric": "peak_mem_ratio / B", "seeds": 1, "mean_diff": d, "ci_low": d, "ci_high": d,
+                     "margin": margin, "verdict": "matches" if abs(d) < margin else "better" if d > 0 else "worse",
+                     "note": f"measured peak {ratio:.2f}× lower than {base} at B = {B} (deterministic bytes, one measurement)"})
+    return rows
+
+
+def untested_rows(present: set[str]) -> list[dict]:
+    return [{"claim": c, "statement": s, "verdict": "not tested",
+             "note": "not run under the protocol in this suite"} for c, s in CLAIMS.items() if c not in present]
+
+
+def _curve(params_path, proto: Protocol, metric: str, out: Path, title: str) -> Path:
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    rows = []
+    for arm in proto.arms:
+        for seed in proto.seeds:
+            h = pd.read_csv(Path(load_config(params_path, arm, seed=seed).out_dir) / "history.csv")
+            rows += [{"arm": arm, "seed": seed, "epochs_equiv": round(e, 4), "value": v}
+                     for e, v in zip(h["epochs_equiv"], h[metric])]
+    df = pd.DataFrame(rows)
+    curve = df.groupby(["arm", "epochs_equiv"])["value"].agg(["mean", "min", "max", "count"]).reset_index()
+    atomic.write_csv(out / "learning_curve.csv", curve)
+    scale = 100 if metric.endswith("acc") else 1
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    for i, arm in enumerate(proto.arms):
+        c = curve[curve["arm"] == arm]
+        ax.plot(c["epochs_equiv"], scale * c["mean"], marker="o", color=f"C{i}", label=f"{arm} (mean of {len(proto.seeds)} seeds)")
+        ax.fill_between(c["epochs_equiv"], scale * c["min"], scale * c["max"], color=f"C{i}", alpha=0.15)
+    ax.set_xlabel("training compute (epoch-equivalents of full-depth layer evaluations)")
+    better = "higher" if metric.endswith("acc") else "lower"
+    ax.set_ylabel(f"{metric}{' (%)' if scale == 100 else ''} — {better} is better")
+    ax.set_title(title + " (band: min–max over seeds)", fontsize=10)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    atomic.save_figure(out / "learning_curve.png", fig)
+    return out / "learning_curve.png"
+
+
+def write_verdict(params_path) -> Path:
+    from bench.tasks import task_class
+    raw = read_params(params_path)
+    proto = load_protocol(params_path)
+    out = Path(raw.get("results_dir") or "results") / proto.suite
+    first = load_config(params_path, proto.arms[0], seed=proto.seeds[0])
+    task_cls = task_class(first.task)
+    seeds = collect_seeds(params_path, proto)
+    atomic.write_csv(out / "seeds.csv", seeds)
+    B = int((raw.get("diffusion") or {}).get("num_blocks", 3))
+    rows = pair_rows(seeds, proto, task_cls.higher_is_better) + memory_rows(proto.suite, B)
+    rows += untested_rows({r["claim"] for r in rows})
+    verdicts = pd.DataFrame(rows)
+    verdicts.insert(0, "suite", proto.suite)
+    atomic.write_csv(out / "verdict.csv", verdicts)
+    png = _curve(params_path, proto, task_cls.metric, out, f"{proto.suite}: test {task_cls.metric} vs training compute")
+
+    scale = 100 if task_cls.metric.endswith("acc") else 1
+    unit = " (points)" if scale == 100 else ""
+    per_arm = seeds.groupby("arm", sort=False).agg(
+        mode=("mode", "first"), seeds=("seed", "count"), test_mean=("test", "mean"), test_sd=("test", "std"),
+        val_mean=("val", "mean"), val_sd=("val", "std"), optimizer_steps=("optimizer_steps", "first"),
+        train_flops=("train_flops", "mean"), params=("params", "first"), peak_mem_MiB=("peak_mem_MiB", "max"),
+        train_time_s=("train_time_s", "mean")).reset_index()
+    for c in ("test_mean", "test_sd", "val_mean", "val_sd"):
+        per_arm[c] = scale * per_arm[c]
+    show = verdicts[[c for c in ("claim", "statement", "pair", "metric", "seeds", "mean_diff", "ci_low", "ci_high",
+                                 "p_db_ge_e2e", "margin", "verdict", "note") if c in verdicts]].copy()
+    for c in ("mean_diff", "ci_low", "ci_high", "margin"):
+        a_rows = show["claim"] == "a"
+        show.loc[a_rows, c] = scale * show.loc[a_rows, c].astype(float)
+    pairs = verdicts[verdicts["claim"] == "a"][["pair", "e2e_arm", "db_arm", "flop_ratio_db_e2e", "param_ratio_db_e2e",
+                                                "compute", "val_mean_diff"]].copy()
+    pairs["val_mean_diff"] = scale * pairs["val_mean_diff"]
+    per_seed = seeds.pivot(index="seed", columns="arm", values="test") * scale
+    md = [f"# {proto.suite}: end-to-end vs DiffusionBlocks under the verdict protocol\n",
+          f"Produced by `{_command()}` on {dt.date.today().isoformat()}, from runs of code "
+          f"{', '.join(sorted(set(seeds['git_sha'])))} on {seeds['device'].iloc[0]}.\n",
+          f"Protocol (params.yaml `protocol:`, fixed before the runs): seeds {proto.seeds}; pairs "
+          + "; ".join(f"`{n}` = {e} vs {d}" for n, (e, d) in proto.pairs.items())
+          + f"; margin ±{scale * proto.margin:g}{unit}{' (relative to E2E)' if proto.margin_relative else ''}. "
+          "Tuned arms: see [tuning.md](tuning.md) (the same number of validation-only trials for every arm). "
+          "Test was read only by each run's final evaluation and its learning curve.\n",
+          f"## Arms (mean ± sd over seeds; {task_cls.metric}{unit if scale == 100 else ''})\n",
+          _markdown_table(per_arm),
+          "\n`train_flops`: FlopCounterMode on one step of each block × the steps that trained it; `params`: the "
+          "arm's parameter count; `peak_mem_MiB`: the training runs' measured step peak (largest over blocks and seeds).\n",
+          "## Verdicts\n",
+          "Positive difference = DiffusionBlocks better. Interval: percentile bootstrap of the mean paired (same-seed) "
+          "difference, 95%. matches: the whole interval inside ±margin; better / worse: the interval above / below 0; "
+          "otherwise inconclusive.\n",
+          _markdown_table(show.fillna("")),
+          "\n## Compute and size of each pair\n",
+          _markdown_table(pairs),
+          f"\n`val_mean_diff`: the same paired difference on validation{unit}.\n",
+          f"## Per seed (test {task_cls.metric}{unit})\n", _markdown_table(per_seed.reset_index()),
+          f"\n![learning curve]({png.name})\n"]
+    return atomic.write_text(out / "comparison.md", "\n".join(md))

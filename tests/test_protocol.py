@@ -1,0 +1,135 @@
+"""The verdict protocol: test is sealed during every selection; validation is carved from train;
+seed streams are independent; verdicts follow from the interval and the margin."""
+
+import shutil
+
+import numpy as np
+import pytest
+import yaml
+
+from bench.config import ConfigError, load_config
+from bench.data.images import FASHION_MNIST_FILES
+from bench.seeding import stream_seed
+from bench.splits import TestSealed, carve_validation, open_test, selection, test_sealed
+from bench.tasks import make_task
+from bench.tune import run_tuning
+from bench.verdict import bootstrap_interval, compare_pair, verdict
+
+TUNE_PARAMS = """
+suite: tiny
+runs_dir: {runs}
+results_dir: {results}
+data: {{dataset: fashion_mnist, root: {root}, train_subset: 640, val_subset: 300, test_subset: 300}}
+model: {{arch: vit, image_size: 28, patch_size: 7, hidden: 32, depth: 3, heads: 2, mlp_dim: 64}}
+diffusion: {{num_blocks: 3, gamma: 0.05}}
+train: {{epochs: 0.5, batch_size: 64, threads: 1, curve_points: 1}}
+eval: {{batch_size: 300, final_variants: []}}
+arms:
+  e2e: {{mode: e2e}}
+  dblocks: {{mode: dblocks}}
+  tuned_e2e: {{mode: e2e, tuned: true}}
+  tuned_dblocks: {{mode: dblocks, tuned: true}}
+protocol:
+  seeds: [0, 1]
+  pairs: {{paper: [e2e, dblocks], tuned: [tuned_e2e, tuned_dblocks]}}
+  margin: 0.01
+  tune:
+    trials: 2
+    seed: 0
+    overrides: {{}}
+    shared_space: {{train.lr: {{low: 1.0e-4, high: 3.0e-3, log: true}}}}
+    method_space: {{diffusion.P_mean: {{low: -1.2, high: 1.2}}}}
+"""
+
+
+def scrambled_copy(fashion_root, dest):
+    """Fashion-MNIST with the test labels permuted (same bytes otherwise, same sizes)."""
+    out = dest / "fashion_mnist"
+    shutil.copytree(fashion_root / "fashion_mnist", out)
+    labels = out / "t10k-labels-idx1-ubyte"
+    raw = bytearray(labels.read_bytes())
+    raw[8:] = bytes(np.random.default_rng(0).permutation(np.frombuffer(bytes(raw[8:]), dtype=np.uint8)))
+    labels.write_bytes(bytes(raw))
+    assert labels.stat().st_size == FASHION_MNIST_FILES["t10k-labels-idx1-ubyte"][1]
+    return dest
+
+
+def tune_in(tmp, root):
+    p = tmp / "params.yaml"
+    p.write_text(TUNE_PARAMS.format(runs=tmp / "runs", results=tmp / "results", root=root))
+    run_tuning(p, log=lambda *_: None)
+    return p, yaml.safe_load((tmp / "results/tiny/tuned.yaml").read_text())
+
+
+def test_scrambled_test_labels_change_no_selection(tmp_path, fashion_root):
+    """The proof the issue asks for: the tuning study's chosen settings and every validation figure
+    are the same whether the test labels are real or scrambled, while a final evaluation does
+    see the scramble."""
+    real_dir, scrambled_dir = tmp_path / "real", tmp_path / "scrambled"
+    real_dir.mkdir(), scrambled_dir.mkdir()
+    p_real, real = tune_in(real_dir, fashion_root)
+    p_scr, scrambled = tune_in(scrambled_dir, scrambled_copy(fashion_root, tmp_path / "data_scrambled"))
+    for arm in ("tuned_e2e", "tuned_dblocks"):
+        assert real["arms"][arm]["overrides"] == scrambled["arms"][arm]["overrides"]
+        assert real["arms"][arm]["best_value"] == scrambled["arms"][arm]["best_value"]
+        assert real["arms"][arm]["trials"] == scrambled["arms"][arm]["trials"] == 2
+    assert (real_dir / "results/tiny/tuning.csv").read_text() == (scrambled_dir / "results/tiny/tuning.csv").read_text()
+    # the scramble is real: outside a selection the test labels differ
+    t_real = make_task(load_config(p_real, "e2e"))
+    t_scr = make_task(load_config(p_scr, "e2e"))
+    assert not np.array_equal(t_real.test_data().labels.numpy(), t_scr.test_data().labels.numpy())
+
+
+def test_test_split_is_sealed_inside_a_selection(tmp_path, fashion_root):
+    p = tmp_path / "params.yaml"
+    p.write_text(TUNE_PARAMS.format(runs=tmp_path / "runs", results=tmp_path / "results", root=fashion_root))
+    task = make_task(load_config(p, "e2e"))
+    task.load()
+    with selection("a test"):
+        assert test_sealed() == "a test"
+        with pytest.raises(TestSealed, match="sealed during a test"):
+            task.test_data()
+        with pytest.raises(TestSealed):
+            open_test("anything", lambda: 1)
+    assert not test_sealed()
+    assert len(task.test_data()) == 300
+
+
+def test_validation_is_carved_from_train_and_fixed(fashion_root):
+    train_idx, val_idx = carve_validation(60_000, 0.1, seed=0)
+    assert len(val_idx) == 6000 and len(train_idx) == 54_000
+    assert not set(train_idx) & set(val_idx)
+    again, _ = carve_validation(60_000, 0.1, seed=0)
+    assert np.array_equal(train_idx, again)            # the same for every arm and run seed
+    other, _ = carve_validation(60_000, 0.1, seed=1)
+    assert not np.array_equal(train_idx, other)
+    with pytest.raises(ValueError, match="val_fraction"):
+        carve_validation(100, 1.0, 0)
+
+
+def test_seed_streams_do_not_overlap():
+    """The old scheme (seed·7919 + step) gave seed 1 step 0 the stream of seed 0 step 7919."""
+    seen = {stream_seed(s, "augment", step) for s in range(5) for step in range(20_000)}
+    assert len(seen) == 5 * 20_000
+    assert stream_seed(0, "block") != stream_seed(0, "noise") != stream_seed(1, "block")
+
+
+def test_tuned_arm_needs_its_tuning(tmp_path, fashion_root):
+    p = tmp_path / "params.yaml"
+    p.write_text(TUNE_PARAMS.format(runs=tmp_path / "runs", results=tmp_path / "results", root=fashion_root))
+    with pytest.raises(ConfigError, match="bench tune"):
+        load_config(p, "tuned_dblocks")
+    assert load_config(p, "tuned_dblocks", tuning=True).diffusion.P_mean == -1.2
+
+
+def test_verdict_follows_interval_and_margin():
+    assert verdict(-0.004, 0.006, margin=0.01, n_seeds=5) == "matches"
+    assert verdict(0.002, 0.03, margin=0.01, n_seeds=5) == "better"
+    assert verdict(-0.03, -0.02, margin=0.01, n_seeds=5) == "worse"
+    assert verdict(-0.02, 0.02, margin=0.01, n_seeds=5) == "inconclusive"
+    assert verdict(0.0, 0.0, margin=0.01, n_seeds=1) == "inconclusive"   # one seed is an anecdote
+    lo, hi = bootstrap_interval(np.array([0.01, 0.02, 0.03, 0.02, 0.01]))
+    assert 0.01 <= lo < 0.018 < hi <= 0.03
+    # lower is better (BPC): DB 3.1 vs E2E 3.4 on every seed → DB better, sign positive
+    r = compare_pair([3.4, 3.41, 3.39], [3.1, 3.12, 3.09], higher_is_better=False, margin=0.03, relative=True)
+    assert r["mean_diff"] > 0 and r["verdict"] == "better" and r["p_db_ge_e2e"] == 1.0
