@@ -178,9 +178,19 @@ def cmd_run(a) -> None:
     from bench.evaluate import evaluate_arm
     from bench.report import compare
     from bench.train import train
+    from bench.config import read_params
     cmd_prepare(argparse.Namespace(params=a.params, arm=None, set=a.set))
-    for arm in arm_names(a.params):
-        cfg = load_config(a.params, arm, a.set)
+    if "protocol" in read_params(a.params):   # tune, then every arm of every pair over the protocol's seeds
+        from bench.protocol import load_protocol
+        from bench.tune import run_tuning
+        proto = load_protocol(a.params)
+        if proto.tune is not None:
+            run_tuning(a.params)
+        runs = [(arm, seed) for arm in proto.arms for seed in proto.seeds]
+    else:
+        runs = [(arm, None) for arm in arm_names(a.params)]
+    for arm, seed in runs:
+        cfg = load_config(a.params, arm, a.set, seed=seed)
         train(cfg, params_path=a.params, resume="auto", progress=not a.no_progress)
         evaluate_arm(cfg)
     print(f"wrote {compare(a.params)}")

@@ -93,6 +93,9 @@ def plot_curves(curves: dict[str, pd.DataFrame], metric: str, path: Path, title:
 
 def compare(params_path: str | Path, results_dir: str | Path | None = None, notes: str = "") -> Path:
     raw = read_params(params_path)
+    if "protocol" in raw:   # seeds and pairs: the verdict report replaces the one-seed comparison
+        from bench.report_verdict import write_verdict
+        return write_verdict(params_path)
     suite = str(raw.get("suite") or Path(params_path).parent.name)
     out = Path(results_dir or raw.get("results_dir") or "results") / suite
     table, curves, metric = collect(params_path)
@@ -165,8 +168,51 @@ def _memory_line(suite: str, B: int, table: pd.DataFrame | None = None) -> str:
             + ", ".join(parts) + f" — the paper claims {B}×. Details: [memory/{suite}.md](memory/{suite}.md).")
 
 
+VERDICT_COLUMNS = ["suite", "claim", "statement", "pair", "metric", "seeds", "mean_diff", "ci_low", "ci_high",
+                   "p_db_ge_e2e", "margin", "verdict", "flop_ratio_db_e2e", "param_ratio_db_e2e", "note"]
+README_MARKERS = ("<!-- verdicts: written by `bench report` from results/verdicts.csv -->", "<!-- /verdicts -->")
+
+
+def collect_verdicts(results: Path = Path("results")) -> pd.DataFrame:
+    """Every suite's verdict.csv (from `bench verdict`) in one table: results/verdicts.csv."""
+    frames = [pd.read_csv(p) for p in sorted(results.glob("*/verdict.csv"))]
+    table = pd.concat(frames, ignore_index=True) if frames else pd.DataFrame(columns=VERDICT_COLUMNS)
+    table = table[[c for c in VERDICT_COLUMNS if c in table.columns]]
+    atomic.write_csv(results / "verdicts.csv", table)
+    return table
+
+
+def verdict_markdown(table: pd.DataFrame) -> str:
+    """The verdicts that were tested, for the READMEs (the untested claims are in verdicts.csv)."""
+    tested = table[table["verdict"] != "not tested"] if len(table) else table
+    if not len(tested):
+        return "No suite has run the verdict protocol yet (`bench verdict`).\n"
+    show = tested[[c for c in ("suite", "claim", "statement", "pair", "seeds", "mean_diff", "ci_low", "ci_high",
+                               "margin", "verdict") if c in tested]].copy()
+    return (_markdown_table(show.fillna("")) + "\nDifferences are signed so that positive means DiffusionBlocks is "
+            "better, in the metric's units (accuracy: a fraction, 0.01 = 1 point); interval: 95% bootstrap over paired "
+            "seeds; the margin was fixed in the suite's params.yaml before the runs. Untested claims: "
+            "[results/verdicts.csv](results/verdicts.csv).\n")
+
+
+def update_readme_verdicts(table: pd.DataFrame, readme: Path = Path("README.md")) -> None:
+    """Rewrite the block between README_MARKERS in the top-level README (its "What we found")."""
+    if not readme.exists():
+        return
+    text = readme.read_text()
+    start, end = README_MARKERS
+    if start not in text or end not in text:
+        return
+    head, rest = text.split(start, 1)
+    _, tail = rest.split(end, 1)
+    atomic.write_text(readme, head + start + "\n" + verdict_markdown(table) + end + tail)
+
+
 def write_results_readme(out: str | Path = "results/README.md", suites_root: str | Path = "suites") -> Path:
-    """results/README.md: one section per suite with our figures beside the paper's."""
+    """results/README.md: the verdict table, then one section per suite with our figures beside
+    the paper's."""
+    verdicts = collect_verdicts(Path(out).parent)
+    update_readme_verdicts(verdicts)
     lines = ["# Results\n",
              f"Written by `{_command()}` on {dt.date.today().isoformat()} from the files in this directory, "
              f"code {track.git_sha()[:12]}. Every table and plot below was produced by the harness; the paper's "
@@ -176,7 +222,12 @@ def write_results_readme(out: str | Path = "results/README.md", suites_root: str
              "shorter budget — and its numbers are not comparable with the paper's; they show whether the two arms "
              "behave alike under the same budget, not whether the paper's figures reproduce.\n",
              "Compare arms interactively: `mlflow ui --backend-store-uri sqlite:///mlflow.db`, open the suite's "
-             "experiment, expand its parent run, tick the child runs (one per arm) and press *Compare*.\n"]
+             "experiment, expand its parent run, tick the child runs (one per arm) and press *Compare*.\n",
+             "## Verdicts (the verdict protocol: validation-only tuning, equal budgets, seeds, intervals)\n",
+             verdict_markdown(verdicts).replace("](results/", "]("),
+             "A suite below without a verdict row still shows **pre-protocol** results: one seed, and choices "
+             "(levers, variants, learning rates) that were read off the test split. They are kept as history, "
+             "not as verdicts.\n"]
     suite_dirs = {p.parent.name for p in Path(suites_root).glob("*/params.yaml")}
     for params in sorted(Path(suites_root).glob("*/params.yaml")):
         raw = read_params(params)
@@ -184,6 +235,14 @@ def write_results_readme(out: str | Path = "results/README.md", suites_root: str
         paper = raw.get("paper") or {}
         comparison = Path("results") / suite / "comparison.csv"
         lines.append(f"## {suite}\n")
+        if (Path("results") / suite / "verdict.csv").exists():
+            lines.append(f"Under the verdict protocol: [{suite}/comparison.md]({suite}/comparison.md) "
+                         f"(seeds, intervals, verdicts; tuning: [{suite}/tuning.md]({suite}/tuning.md)).\n")
+            if paper.get("substitute"):
+                lines.append(f"*CPU-scale substitute:* {paper['substitute']}\n")
+            for png in sorted((Path("results") / suite).glob("*.png")):
+                lines.append(f"![{suite} {png.stem}]({suite}/{png.name})\n")
+            continue
         if paper.get("substitute"):
             lines.append(f"*CPU-scale substitute:* {paper['substitute']}\n")
         elif paper:

@@ -8,6 +8,7 @@ import pytest
 import yaml
 
 from bench.config import arm_names, load_config
+from bench.protocol import load_protocol
 
 SUITES = sorted(Path(__file__).resolve().parents[1].glob("suites/*/dvc.yaml"))
 
@@ -33,6 +34,29 @@ def _lookup(tree: dict, dotted: str):
     return node
 
 
+def _expansions(stage: dict, params: dict, key: str) -> list[str]:
+    """Every form of a param key under the stage's foreach (${key}, ${item}) or matrix (${item.x})."""
+    if "matrix" in stage:
+        import itertools
+        axes = {}
+        for name, values in stage["matrix"].items():
+            if isinstance(values, str) and values.startswith("${"):
+                values = _lookup(params, values[2:-1])   # e.g. ${protocol.seeds}
+            axes[name] = values
+        out = []
+        for combo in itertools.product(*axes.values()):
+            k = key
+            for name, value in zip(axes, combo):
+                k = k.replace("${item.%s}" % name, str(value))
+            out.append(k)
+        return out
+    if "${key}" in key:
+        return [key.replace("${key}", item) for item in params.get("arms", {})]
+    if "${item}" in key:
+        return [key.replace("${item}", item) for item in stage["foreach"]]
+    return [key]
+
+
 @pytest.mark.parametrize("dvc_yaml", SUITES, ids=lambda p: p.parent.name)
 def test_every_dvc_param_exists(dvc_yaml):
     root = dvc_yaml.parents[2]
@@ -43,11 +67,7 @@ def test_every_dvc_param_exists(dvc_yaml):
         wdir = (dvc_yaml.parent / stage.get("wdir", body.get("wdir", "."))).resolve()
         for file, key in _named_params(body):
             params = yaml.safe_load((wdir / file).read_text())
-            # foreach over the arms (${key}) or over a list (${item}): check every expansion
-            items = (list(params.get("arms", {})) if "${key}" in key else
-                     stage["foreach"] if "${item}" in key else [None])
-            for item in items:
-                k = key.replace("${key}", item).replace("${item}", item) if item else key
+            for k in _expansions(stage, params, key):
                 try:
                     _lookup(params, k)
                 except KeyError:
@@ -61,4 +81,20 @@ def test_every_arm_loads(dvc_yaml):
         if params.name == "dvc.yaml" or "arms" not in (yaml.safe_load(params.read_text()) or {}):
             continue
         for arm in arm_names(params):
-            load_config(params, arm)   # raises ConfigError on any unknown or invalid key
+            load_config(params, arm, tuning=True)   # raises ConfigError on any unknown or invalid key
+        if "protocol" in yaml.safe_load(params.read_text()):
+            load_protocol(params)
+
+
+def test_pair_arms_have_matched_parameter_counts():
+    """Every protocol pair is within 5% in parameters (the reviewer's bar), by building both models."""
+    from bench.flops import param_counts
+    from bench.tasks import make_task
+    from bench.train import build_model
+    for params in sorted(Path(__file__).resolve().parents[1].glob("suites/*/params.yaml")):
+        if "protocol" not in yaml.safe_load(params.read_text()):
+            continue
+        for name, (e2e, db) in load_protocol(params).pairs.items():
+            counts = [param_counts(build_model(c, make_task(c)))["total"]
+                      for c in (load_config(params, e2e, tuning=True), load_config(params, db, tuning=True))]
+            assert abs(counts[1] / counts[0] - 1) <= 0.05, f"{params.parent.name} {name}: {counts}"

@@ -51,7 +51,7 @@ def test_resume_after_interruption_matches_uninterrupted_run(tmp_path, fashion_r
 
     def evaluate_then_die(*args, **kwargs):
         calls.append(1)
-        if len(calls) == 2:  # the second curve point, at step 15 of 30; last checkpoint at step 10
+        if len(calls) == 3:  # the second curve point (val, then test), at step 15 of 30; last checkpoint at step 10
             raise KeyboardInterrupt
         return real_evaluate(*args, **kwargs)
 
@@ -106,5 +106,7 @@ def test_short_real_training_dblocks_beats_chance_by_far(tmp_path, fashion_root)
     assert s["test_acc"] > 0.4, s  # chance is 0.10
     ev = evaluate_arm(load_config(p, "dblocks_uniform", overrides + ["eval.final_variants=[steps=B+1]"]), log=lambda *_: None)
     assert ev["test_acc"] == pytest.approx(s["test_acc"])  # same inference noise seed → same accuracy
-    assert set(ev) == {"arm", "mode", "metric", "test_acc", "test_ce", "inference_steps", "inference_draws",
-                       "inference_sigma_start", "test_acc@steps=4"}
+    assert ev["val_acc"] > 0.4 and ev["val_acc"] != ev["test_acc"]   # validation is its own split
+    assert set(ev) == {"arm", "mode", "seed", "metric", "selection_metric", "inference", "inference_steps",
+                       "inference_draws", "inference_sigma_start", "val_acc", "val_ce", "val_acc@steps=4",
+                       "test_acc", "test_ce", "test_acc@steps=4"}

@@ -619,7 +619,7 @@ def report(params_path, log=print) -> Path:
         notes += lines + [""]
     notes += ["## Samples\n", *[f"- `{r['arm']}`: [samples_{r['arm']}.md](samples_{r['arm']}.md)" for r in rows
                                  if r.get("samples_file")], "",
-              f"Quality against counted training compute: ![quality vs compute](quality_vs_compute.png)\n",
+              "Quality against counted training compute: ![quality vs compute](quality_vs_compute.png)\n",
               "The table below and `learning_curve.png` come from `bench compare`; its `layer_evals` and "
               "`epochs_equiv` count forward layer passes (for the recurrent e2e arm every unrolled iteration, as "
               "`train_layer_evals` above).\n"]

@@ -139,7 +139,6 @@ class MaskedLMTask(Task):
 
     # ---- data and model ---------------------------------------------------------------------
     def check(self) -> None:
-        from bench.data.text import PreparedText
         data = PreparedText(check_prepared(self.spec, self.cfg.data.root))
         m = model_config(self.cfg.model)
         if m.vocab_size and m.vocab_size != data.vocab_size:

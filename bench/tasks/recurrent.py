@@ -5,8 +5,9 @@ position j reads x_0…x_j and predicts x_{j+1}).
 
 e2e      r core iterations per step, r drawn per step from Huginn's log-normal Poisson,
          r = 1 + Poisson(exp(τ)), τ ~ N(ln(r̄ − 1) − s²/2, s), so E[r] = r̄ (model.mean_recurrence,
-         s = model.recurrence_std), seeded by the step's "augment" stream (bench.seeding); s_0 ~ N(0, state_std²) from the trainer's
-         generator; truncated BPTT: only the last model.bptt iterations are back-propagated.
+         s = model.recurrence_std), seeded by the step's "augment" stream (bench.seeding);
+         s_0 ~ N(0, state_std²) from the trainer's generator; truncated BPTT: only the last
+         model.bptt iterations are back-propagated.
 dblocks  B = 1: one denoiser over the whole noise range, σ from the full (truncated) log-normal
          p_noise, one pass (prelude, core once, coda) per step; λ(σ)-weighted cross-entropy of
          head(D_j) to x_{j+1} (see bench/models/recurrent.py).
@@ -14,9 +15,9 @@ dblocks  B = 1: one denoiser over the whole noise range, σ from the full (trunc
 Inference with K iterations:
   e2e      K = eval.e2e_recurrence (0, the default → model.mean_recurrence r̄: the depth it was
            trained at on average) core iterations from s_0 ~ N(0, state_std²) (eval.seed).
-  dblocks  K = eval.recurrence (0 → r̄) denoiser calls on the K-point equal-probability σ grid from σ_max to σ_min
-           (sigmas_equiprobable): K − 1 Euler steps with D̂ = softmax(logits) @ Ê, and the logits of the
-           call at σ_min predict the token.  So iteration k of the recurrence runs at σ_k, the
+  dblocks  K = eval.recurrence (0 → r̄) denoiser calls on the K-point equal-probability σ grid
+           from σ_max to σ_min (sigmas_equiprobable): K − 1 Euler steps with D̂ = softmax(logits) @ Ê,
+           and the logits of the call at σ_min predict the token.  So iteration k of the recurrence runs at σ_k, the
            k-th of K equally likely quantiles of p_noise, descending.  In the teacher-forced
            perplexity all positions' chains run jointly (a position attends to the earlier positions'
            current iterates); in generation the earlier positions, whose next tokens are known,
@@ -236,7 +237,10 @@ class RecurrentTask(AutoregressiveTask):
         if self.cfg.is_dblocks:
             fwd = bwd = steps * m.depth
         else:
-            rs = np.array([self.step_recurrence(k) for k in range(steps)], dtype=np.int64)
+            # the draws replayed so far are kept: every curve point (val and test) asks again
+            self._rs = getattr(self, "_rs", [])
+            self._rs += [self.step_recurrence(k) for k in range(len(self._rs), steps)]
+            rs = np.array(self._rs[:steps], dtype=np.int64)
             fwd = int((m.prelude + m.core * rs + m.coda).sum())
             bwd = int((m.prelude + m.core * np.minimum(rs, m.bptt) + m.coda).sum())
         return {"train_layer_evals": fwd, "train_backward_layer_evals": bwd,
