@@ -124,12 +124,12 @@ def parse_bytes(text: str) -> int:
 
 
 def cmd_memory(a) -> None:
-    from bench.benchmark import memory_benchmark
+    from bench.benchmark import BENCHMARK_ONLY_ARMS, memory_benchmark
     from bench.config import MODES, RESIDENCY
     modes, residencies = a.arms.split(","), a.residency.split(",")
     for m in modes:
-        if m not in MODES:
-            raise ConfigError(f"unknown arm {m!r} for --arms; choose from {', '.join(MODES)}")
+        if m not in MODES + BENCHMARK_ONLY_ARMS:
+            raise ConfigError(f"unknown arm {m!r} for --arms; choose from {', '.join(MODES + BENCHMARK_ONLY_ARMS)}")
     for r in residencies:
         if r not in RESIDENCY:
             raise ConfigError(f"unknown residency {r!r}; choose from {', '.join(RESIDENCY)}")
@@ -253,7 +253,8 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("params", help="a suite's params.yaml (its model and diffusion settings)")
     q.add_argument("--blocks", default="1,2,3,4,6", help="values of B (default 1,2,3,4,6)")
     q.add_argument("--batch-sizes", default="128", help="e.g. 32,128 (default 128)")
-    q.add_argument("--arms", default="e2e,e2e+ckpt,dblocks,dblocks+ckpt")
+    q.add_argument("--arms", default="e2e,e2e+accum,e2e+ckpt,dblocks,dblocks+ckpt",
+                   help="arms to measure; e2e+accum: E2E as B micro-batches with accumulated gradients")
     q.add_argument("--residency", default="resident,offload")
     q.add_argument("--budget", default=None, help="also find the deepest model each arm trains within e.g. 2GiB")
     q.add_argument("--time-steps", type=int, default=3, help="timed steps per block (median)")
