@@ -33,7 +33,7 @@ import torch
 from torch.utils._pytree import tree_map_only
 
 from bench import atomic, track
-from bench.config import RunConfig, load_config, arm_names, model_config, validate
+from bench.config import RunConfig, load_config, arm_names, model_config, read_params, validate
 from bench.memory import COMPONENTS, MemoryMeter
 from bench.tasks import make_task
 from bench.train import Budget, backward_step, build_model, forward_loss, make_optimizer, resolve_device
@@ -223,7 +223,12 @@ def memory_benchmark(params_path: str | Path, blocks: list[int], batch_sizes: li
     """Measure every (batch size, arm, B, residency) row; the CSV is rewritten after each row, so a
     killed benchmark continues with `resume=True` (rows of the same config and depth are kept as
     measured).  The Markdown table is written before the optional depth search and again after it."""
-    base = load_config(params_path, arm_names(params_path)[0])
+    base = load_config(params_path, arm_names(params_path)[0], tuning=True)
+    base_db = base
+    if "protocol" in read_params(params_path):   # each side of the paper pair measured with its own model
+        from bench.protocol import load_protocol
+        e2e_arm, db_arm = load_protocol(params_path).pairs.get("paper", next(iter(load_protocol(params_path).pairs.values())))
+        base, base_db = load_config(params_path, e2e_arm, tuning=True), load_config(params_path, db_arm, tuning=True)
     name = name or base.suite
     device = resolve_device(base.train.device)
     if base.train.threads:
@@ -248,7 +253,7 @@ def memory_benchmark(params_path: str | Path, blocks: list[int], batch_sizes: li
                 row = {"config": name, "mode": mode, "residency": residency, "B": B, "batch_size": bs,
                        "micro_batch": max(micro_batch_sizes(bs, accum)), "depth": depth}
                 kept = done.get(tuple(row[k] for k in key))
-                cfg = variant(base, mode, B if mode.startswith("dblocks") else 1, bs,
+                cfg = variant(base_db if mode.startswith("dblocks") else base, mode, B if mode.startswith("dblocks") else 1, bs,
                               residency if mode.startswith("dblocks") else "resident")
                 row.update(kept or measure(cfg, device, time_steps, accum_steps=accum))
                 rows.append(row)

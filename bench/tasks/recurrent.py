@@ -84,6 +84,7 @@ class RecurrentTask(AutoregressiveTask):
     def __init__(self, cfg):
         super().__init__(cfg)
         self._K_override = 0      # set by `at_recurrence` (the final variants)
+        self._rs: list[int] = []  # the training recurrences replayed so far (train_compute)
 
     @property
     def mcfg(self):
@@ -238,7 +239,6 @@ class RecurrentTask(AutoregressiveTask):
             fwd = bwd = steps * m.depth
         else:
             # the draws replayed so far are kept: every curve point (val and test) asks again
-            self._rs = getattr(self, "_rs", [])
             self._rs += [self.step_recurrence(k) for k in range(len(self._rs), steps)]
             rs = np.array(self._rs[:steps], dtype=np.int64)
             fwd = int((m.prelude + m.core * rs + m.coda).sum())
