@@ -212,6 +212,7 @@ def test_guidance_is_the_linear_blend_of_conditional_and_unconditional(params):
     ("eval.samples=500", "fid_n=1000 is larger than the 500 images generated"),
     ("eval.grid_e2e=linear", "unknown eval.grid_e2e"),
     ("data.dataset=mnist", "unknown data.dataset"),
+    ("data.val_fraction=0", "val_fraction must be in"),    # validation FID needs validation images
 ])
 def test_bad_config_is_one_line_before_compute(params, override, match):
     overrides = [override] + (["eval.fid_n=1000"] if "samples" in override else [])
@@ -279,6 +280,17 @@ def test_val_evaluation_works_while_the_test_split_is_sealed(params, fashion_roo
     assert generations == [1] and test["test_fid"] != val["val_fid"]
     cached = sorted(p.name for p in (tmp_path / "fidcache").iterdir())
     assert [n.split("-first")[0] for n in cached] == ["fashion_mnist-test", "fashion_mnist-val0.1-seed0"]
+
+
+def test_the_report_chooses_each_arms_grid_on_validation_fid_and_reports_its_test_fid():
+    from bench.report_generation import grid_choice
+    evals = {"dblocks": ("equiprobable", {"val_fid": 40.0, "test_fid": 41.0,      # karras: better on test only
+                                          "val_fid@grid_dblocks=karras": 45.0, "test_fid@grid_dblocks=karras": 39.0}),
+             "e2e": ("karras", {"val_fid": 50.0, "test_fid": 52.0,
+                                "val_fid@grid_e2e=equiprobable": 48.0, "test_fid@grid_e2e=equiprobable": 53.0})}
+    chosen = grid_choice(evals).query("chosen").set_index("arm")
+    assert chosen.loc["dblocks", "grid"] == "equiprobable" and chosen.loc["dblocks", "test_fid"] == 41.0
+    assert chosen.loc["e2e", "grid"] == "equiprobable" and chosen.loc["e2e", "test_fid"] == 53.0
 
 
 # ---- through the trainer, on real data ----------------------------------------------------------

@@ -8,12 +8,13 @@ import pytest
 import bench.train
 from bench.check import run_checks
 from bench.config import ConfigError
+from bench.splits import test_sealed
 from bench.sweep import run_sweep
 
 SUITE = """
 suite: {suite}
 runs_dir: runs
-data: {{dataset: fashion_mnist, root: {root}, train_subset: 256, test_subset: 200}}
+data: {{dataset: fashion_mnist, root: {root}, train_subset: 256, val_subset: 200, test_subset: 200}}
 model: {{arch: vit, image_size: 28, patch_size: 7, hidden: 16, depth: 4, heads: 2, mlp_dim: 32}}
 diffusion: {{num_blocks: 2, gamma: 0.0}}
 train: {{epochs: 0.5, batch_size: 64, lr: 2.0e-3, curve_points: 2, ckpt_every: 100, threads: 2}}
@@ -24,7 +25,7 @@ arms:
 sweep:
   arm: dblocks
   trials: 3
-  objectives: [test_acc]
+  objectives: [val_acc]
   space: {space}
 check:
   arms: [dblocks]
@@ -87,8 +88,15 @@ def test_bad_search_spaces_are_refused(suite, space, message):
 
 
 def test_a_study_with_another_space_is_refused_with_a_new_name(suite, monkeypatch):
-    monkeypatch.setattr(bench.train, "train", lambda cfg, **kw: {"test_acc": 0.5, "metric": "test_acc"})
+    seals = []
+
+    def fake_train(cfg, **kw):
+        seals.append(test_sealed())
+        return {"val_acc": 0.5, "metric": "test_acc"}
+
+    monkeypatch.setattr(bench.train, "train", fake_train)
     run_sweep(suite(), trials=1, log=lambda *_: None)
+    assert seals == ["sweep tiny"]   # every trial trains with the test split sealed
     with pytest.raises(ConfigError, match="different search space.*--study tiny-2"):
         run_sweep(suite("{diffusion.num_blocks: [1, 2]}"), resume=True, log=lambda *_: None)
 

@@ -20,8 +20,9 @@ The resize.  torch-fidelity's network resizes every image to 299×299 itself, wi
 re-implementation of TensorFlow 1's bilinear resize (`interpolate_bilinear_2d_like_tensorflow1x`:
 no antialiasing, align_corners=False), i.e. the legacy TensorFlow FID of the original TTUR code
 (clean-fid's `legacy_tensorflow` mode).  clean-fid's default `clean` mode, which the paper's
-numbers come from, resizes with PIL's antialiased bicubic instead; the two give different FIDs for the same images, so every FID we report is
-labelled with `RESIZE` and is comparable with our other FIDs, never with the paper's values.
+numbers come from, resizes with PIL's antialiased bicubic instead.  The two give different
+FIDs for the same images, so every FID we report is labelled with `RESIZE` and is comparable
+with our other FIDs, never with the paper's values.
 
 No Inception Score.  IS needs the 1008-way logits of the classifier head, which the wheel's
 network does not contain; torch-fidelity would silently return IS = 1.0 from the zero head, a

@@ -370,9 +370,9 @@ class GenerationTask(Task):
     def reference(self, split: str, device) -> tuple[torch.Tensor, fidlib.Stats]:
         """Features and statistics of the real images of "val", "test" (through the seal) or
         "train" (minus validation), cached on disk under the set's own name."""
+        ref = self.train_reference if split == "train" else self.split_data(split)   # test: via the seal
         if split not in self._refs:
             e = self.cfg.eval
-            ref = self.train_reference if split == "train" else self.split_data(split)
             weights = "tf-download" if e.fid_weights == fidlib.DOWNLOAD else fidlib.CONVERTED_SHA256[:12]
             feats = fidlib.cached_features(Path(e.fid_cache), f"{ref.name}-{weights}", ref.read,
                                            self.inception(device), e.fid_batch)
