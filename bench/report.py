@@ -63,9 +63,16 @@ def collect(params_path: str | Path) -> tuple[pd.DataFrame, dict[str, pd.DataFra
             "activations_MiB": s["peak_mem_activations"] / MiB,
             "device": s["device"], "git_sha": str(s["git_sha"])[:12],
         })
+        try:   # FLOPs counted, not assumed: one step of each block with FlopCounterMode × its steps
+            from bench.report_verdict import arm_compute
+            row.update(arm_compute(cfg))
+        except (NotImplementedError, FileNotFoundError, KeyError):   # a task without an example batch
+            pass
         rows.append(row)
         curves[arm] = pd.read_csv(out / "history.csv")
     table = pd.DataFrame(rows)
+    if "train_flops" in table and len(e2e_rows := table[table["mode"].str.startswith("e2e")]):
+        table["flop_ratio_to_e2e"] = table["train_flops"] / float(e2e_rows.iloc[0]["train_flops"])
     e2e = table[table["mode"].str.startswith("e2e")]
     if len(e2e):
         scale = 100 if metric.endswith("acc") else 1
@@ -112,17 +119,23 @@ def compare(params_path: str | Path, results_dir: str | Path | None = None, note
     atomic.write_csv(out / "learning_curve.csv", along)
 
     device = table["device"].iloc[0]
+    matched = "flop_ratio_to_e2e" in table and bool(((table["flop_ratio_to_e2e"] - 1).abs() <= 0.10).all())
+    compute_note = ("matched training compute: every arm within 10% of the e2e arm's FLOPs" if matched else
+                    "training compute NOT matched: see `flop_ratio_to_e2e`" if "flop_ratio_to_e2e" in table else
+                    "training FLOPs not counted for this task")
     md = [f"# {suite}: end-to-end vs DiffusionBlocks\n",
           f"Produced by `{_command()}` on {dt.date.today().isoformat()}, code {table['git_sha'].iloc[0]}, device: {device}.\n",
           notes.strip() + "\n" if notes else "",
-          "## Final figures (matched training compute)\n",
+          "**One seed, no interval: pre-protocol figures, not a verdict.**\n",
+          f"## Final figures ({compute_note})\n",
           _markdown_table(table.drop(columns=["device", "git_sha"])),
           f"\nColumns: `{metric}` from the final evaluation (`bench evaluate`); columns with `@` are the same metric "
           "with another inference setting (for classification: `steps` σ points — the default is B, one call per block, "
           "the paper's App. E.1 says B+1 — `draws` inference noises averaged, `sigma_start` where the chain starts); "
           "`gap_to_e2e` is the difference to the e2e arm (in percentage "
-          "points for accuracies); `layer_evals` counts transformer-layer forward passes per batch over training (the compute "
-          "budget: every arm gets the same); `epochs_equiv` = layer_evals / (steps per epoch × depth); memory is the "
+          "points for accuracies); `layer_evals` counts transformer-layer forward passes per batch over training (the "
+          "budget the arms were given); `train_flops`: FlopCounterMode on one step of each block × the steps that "
+          "trained it, and `flop_ratio_to_e2e`; `epochs_equiv` = layer_evals / (steps per epoch × depth); memory is the "
           "measured peak of live tensor bytes during one training step (largest over blocks), by component, "
           "from `bench.memory.MemoryMeter`.\n",
           f"## Learning curve ({metric}{' %' if scale == 100 else ''}, same fractions of the budget)\n",

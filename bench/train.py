@@ -5,8 +5,13 @@
             forward and backward through that block's layers plus the shared stem and head only
   …+ckpt    the same with activation checkpointing per layer
 
-Budgets are compute-matched as in the official code: one dblocks step trains one block, so
-dblocks runs B× the steps (and B× the warm-up) of e2e — the same number of layer evaluations.
+Budgets are matched in layer evaluations as in the official code: one dblocks step trains one
+block, so dblocks runs B× the steps (and B× the warm-up) of e2e.  Whether that matches FLOPs (the
+shared stem, head and conditioning run once per block step) is measured by bench/flops.py and
+reported by `bench verdict` / `bench compare` as a ratio.
+
+Splits: learning-curve points score the validation split, and the test split too unless a
+selection has sealed it (bench/splits.py).  Random streams: bench/seeding.py.
 
 A run leaves in its out_dir (timm style): params.yaml (resolved config + provenance), log.csv
 (losses), history.csv (learning curve), summary.csv and metrics.json (final figures), ckpt.pt

@@ -9,3 +9,5 @@ from bench.models.llama import Llama, LlamaConfig  # noqa: E402  (autoregressive
 ARCHS["llama"] = (LlamaConfig, Llama)
 from bench.models.recurrent import RecurrentConfig, RecurrentLM  # noqa: E402  (recurrent-depth LM)
 ARCHS["recurrent"] = (RecurrentConfig, RecurrentLM)
+from bench.models.rnn_lm import RNNLM, RNNLMConfig  # noqa: E402  (GRU/LSTM LM: the scoring model of another family)
+ARCHS["rnn_lm"] = (RNNLMConfig, RNNLM)
