@@ -93,6 +93,8 @@ def test_test_split_is_sealed_inside_a_selection(tmp_path, fashion_root):
             open_test("anything", lambda: 1)
     assert not test_sealed()
     assert len(task.test_data()) == 300
+    with selection("a later test"), pytest.raises(TestSealed):   # loaded once, still sealed later
+        task.test_data()
 
 
 def test_validation_is_carved_from_train_and_fixed(fashion_root):

@@ -1,22 +1,36 @@
-"""Language-model metrics: perplexity, BPC, generative perplexity under a reference LM, MAUVE.
+"""Language-model metrics: perplexity, BPC, generative perplexity and MAUVE under named scorers, distinct-n.
 
 Definitions (also in the README and in each suite's comparison.md):
 
   perplexity      exp(mean over predicted tokens of −ln q(x_i | x_<i)), nats → ppl.  For an ordinary
-                  (end-to-end) LM, q is its own softmax and this is the exact test perplexity.
+                  (end-to-end) LM, q is its own softmax and this is the exact test perplexity.  For a
+                  DiffusionBlocks model q is a noise-averaged denoiser output (`mixture_nll`): a
+                  "denoising perplexity", not a likelihood.
   BPC             the same mean in bits, divided by the characters per token of the split
                   (bits per character; equal to bits per token for a character-level tokenizer).
-  generative ppl  exp(mean −ln p_ref(c_j | prompt, c_<j)) over the tokens c_j of sampled
-                  continuations, under a *reference* LM p_ref (a longer-trained end-to-end model of
-                  the same data, or a local Hugging Face causal LM), in the reference's tokens.
+  generative ppl  `gen_ppl@<scorer>` = exp(mean −ln p_s(c_j | prompt, c_<j)) over the tokens c_j of
+                  sampled continuations, under a fixed *scorer* LM p_s, in the scorer's tokens; and
+                  `gen_ppl@data,<scorer>` the same for the real continuations of the same prompts.
                   Low is not always good: repetitive text scores low; read it next to MAUVE and
-                  the reference's perplexity of the real continuations (`gen_ppl@data`).
-  MAUVE           `mauve.compute_mauve` (the mauve-text package) between the reference LM's features
-                  of the real continuations (P) and of the sampled ones (Q), each text being
-                  prompt + continuation; a feature is the final hidden state averaged over the
+                  distinct-n.  The scorers (every key names its scorer):
+                    ngram  an interpolated Kneser–Ney n-gram LM of the train split (bench.metrics.ngram):
+                           shares nothing with either arm; exact, normalised probabilities
+                    rnn    a GRU/LSTM LM trained on the train split (bench.models.rnn_lm): another family
+                           and recipe than both arms
+                    ref    eval.reference: an e2e run of this harness (by default the e2e arm's own
+                           family and recipe trained longer, so e2e samples are in distribution for
+                           it; kept for continuity, never ranked) or a local Hugging Face causal LM
+  MAUVE           `mauve@<scorer>`: `mauve.compute_mauve` (the mauve-text package) between the scorer's
+                  features of the real continuations (P) and of the sampled ones (Q), each text being
+                  prompt + continuation; a feature is the scorer's final hidden state averaged over the
                   continuation's positions (`mean`) or taken at its last token (`last`, MAUVE's own
-                  convention with GPT-2).  k-means with k = max(2, round(min(n_P, n_Q)/10)) buckets
-                  unless given; at least 10 texts per bucket per side are required.
+                  convention with GPT-2).  Only scorers with hidden states give it (rnn, ref; not
+                  ngram).  k-means with k = max(2, ⌊min(n_P, n_Q)/10⌋) buckets unless given; at least
+                  10 texts per bucket per side are required.  Higher is better (1: indistinguishable).
+  distinct-n      `distinct4@gen` / `distinct4@data`: unique 4-grams / all 4-grams of the sampled / real
+                  continuations.
+  variants        `<key>,<variant>` (or `<key>@<variant>` for a key without a scorer): the same figure
+                  under another decoding (`greedy`, `top_p`, `paper`) or inference setting (`8steps`, `K16`).
 """
 
 from __future__ import annotations
@@ -66,7 +80,9 @@ def distinct_ngrams(sequences: list[list[int]], n: int = 4) -> float:
 
 # ---- MAUVE ---------------------------------------------------------------------------------------------
 def mauve_buckets(n_p: int, n_q: int, buckets: int = 0) -> int:
-    return buckets or max(2, round(min(n_p, n_q) / MAUVE_PER_BUCKET))
+    """k-means buckets: `buckets`, or max(2, ⌊min(n_P, n_Q)/10⌋) (rounded down, so that every count of at
+    least 20 texts per side satisfies `check_mauve_counts`)."""
+    return buckets or max(2, min(n_p, n_q) // MAUVE_PER_BUCKET)
 
 
 def check_mauve_counts(n_p: int, n_q: int, buckets: int = 0) -> None:
@@ -103,15 +119,56 @@ def mauve_score(p_features: np.ndarray, q_features: np.ndarray, scaling: float =
             "mauve_n_gen": len(q_features)}
 
 
-# ---- reference language models ------------------------------------------------------------------------
+# ---- figures of sampled text under every scorer -------------------------------------------------------------------
+def generation_figures(scorers: dict, prompts: list, real: list, gen_prompts: list, conts: list, *,
+                       with_data: bool, mauve_tags: tuple = (), mauve_buckets: int = 0, mauve_scaling: float = 2.0,
+                       mauve_features: str = "mean", seed: int = 25) -> dict:
+    """Figures of the sampled continuations `conts` (of `gen_prompts`) beside the real continuations
+    `real` of `prompts`, under every scorer {tag: ReferenceLM}: gen_ppl@<tag> and distinct4@gen; with
+    with_data also gen_ppl@data,<tag> and distinct4@data; mauve@<tag> for each of mauve_tags (scorers
+    with features), with the k-means counts once (mauve_buckets, mauve_n_real, mauve_n_gen)."""
+    out = {"distinct4@gen": distinct_ngrams(conts)}
+    for tag, ref in scorers.items():
+        nll, cnt = ref.score(gen_prompts, conts)
+        out[f"gen_ppl@{tag}"] = perplexity(float(nll.sum()), int(cnt.sum()))
+        if with_data:
+            nll, cnt = ref.score(prompts, real)
+            out[f"gen_ppl@data,{tag}"] = perplexity(float(nll.sum()), int(cnt.sum()))
+    if with_data:
+        out["distinct4@data"] = distinct_ngrams(real)
+    for tag in mauve_tags:
+        ref = scorers[tag]
+        mv = mauve_score(ref.features(prompts, real, mauve_features), ref.features(gen_prompts, conts, mauve_features),
+                         mauve_scaling, mauve_buckets, seed=seed)
+        out[f"mauve@{tag}"] = mv.pop("mauve")
+        out.update(mv)
+    return out
+
+
+def variant_key(key: str, variant: str) -> str:
+    """gen_ppl@rnn + greedy → gen_ppl@rnn,greedy; test_ppl + K16 → test_ppl@K16."""
+    return f"{key},{variant}" if "@" in key else f"{key}@{variant}"
+
+
+def as_variant(figures: dict, variant: str) -> dict:
+    """The sample figures of `generation_figures` that depend on the sampler (not the real-text ones,
+    nor the counts), keyed as a variant."""
+    return {variant_key(k, variant): v for k, v in figures.items()
+            if k.startswith(("gen_ppl@", "mauve@", "distinct4@gen")) and not k.startswith("gen_ppl@data")}
+
+
+# ---- scorers: reference language models ------------------------------------------------------------------------
 class ReferenceLM:
-    """A fixed causal LM that scores continuations and gives MAUVE features.
+    """A fixed LM that scores continuations and (if it has hidden states) gives MAUVE features.
 
     Both methods take the prompts and continuations as token ids of the *data's* tokenizer; a
-    reference with another tokenizer decodes them to text and re-tokenises."""
+    reference with another tokenizer decodes them to text and re-tokenises.  `tag` names the scorer
+    in every key it produces (`gen_ppl@<tag>`, `mauve@<tag>`)."""
 
     name = "reference"
+    tag = "ref"
     tokens = "tokens"       # what the per-token figures count
+    has_features = True
 
     def score(self, prompts: list[list[int]], conts: list[list[int]]) -> tuple[np.ndarray, np.ndarray]:
         """Σ −ln p_ref(continuation token | prompt, earlier continuation) and the token count, per text."""
@@ -121,21 +178,12 @@ class ReferenceLM:
         raise NotImplementedError
 
 
-class BenchReferenceLM(ReferenceLM):
-    """The final weights of an end-to-end `autoregressive` run of this harness (same tokenizer)."""
+class TokenLM(ReferenceLM):
+    """A causal LM module over the data's own tokens: model(x) → logits (N, T, V) and
+    model.hidden_states(x) → (N, T, d), both causal (so right padding never reaches an earlier position)."""
 
-    def __init__(self, path: str | Path, device: torch.device, batch_size: int = 64):
-        from bench.models.llama import Llama, LlamaConfig
-        ckpt = torch.load(path, map_location="cpu", weights_only=False)
-        m = dict(ckpt["config"]["model"])
-        m.pop("arch")
-        m["vocab_size"] = ckpt["model"]["tok_embed.weight"].shape[0]   # 0 in the params: from the data
-        self.model = Llama(LlamaConfig(**m), conditioned=False)
-        self.model.load_state_dict(ckpt["model"])
-        self.model.to(device).eval()
-        self.device, self.batch_size = device, batch_size
-        self.name = f"{Path(path)} (e2e llama, {sum(p.numel() for p in self.model.parameters()) / 1e6:.2f}M params)"
-        self.context = self.model.cfg.seq_len
+    def __init__(self, model: torch.nn.Module, device: torch.device, batch_size: int = 64):
+        self.model, self.device, self.batch_size = model.to(device).eval(), device, batch_size
 
     def _batches(self, prompts, conts):
         for s in range(0, len(prompts), self.batch_size):
@@ -166,6 +214,61 @@ class BenchReferenceLM(ReferenceLM):
                 span = h[i, len(p):len(p) + len(c)]
                 out.append((span.mean(0) if pooling == "mean" else span[-1]).numpy())
         return np.stack(out)
+
+
+def _millions(model: torch.nn.Module) -> str:
+    return f"{sum(p.numel() for p in model.parameters()) / 1e6:.2f}M params"
+
+
+class BenchReferenceLM(TokenLM):
+    """The final weights of an end-to-end `autoregressive` (llama) run of this harness (same tokenizer)."""
+
+    tag = "ref"
+
+    def __init__(self, path: str | Path, device: torch.device, batch_size: int = 64):
+        from bench.models.llama import Llama, LlamaConfig
+        ckpt = torch.load(path, map_location="cpu", weights_only=False)
+        m = dict(ckpt["config"]["model"])
+        m.pop("arch")
+        m["vocab_size"] = ckpt["model"]["tok_embed.weight"].shape[0]   # 0 in the params: from the data
+        model = Llama(LlamaConfig(**m), conditioned=False)
+        model.load_state_dict(ckpt["model"])
+        super().__init__(model, device, batch_size)
+        self.name = f"{Path(path)} (e2e llama, {_millions(model)})"
+        self.context = model.cfg.seq_len
+
+
+class RNNReferenceLM(TokenLM):
+    """The RNN reference of `python -m bench.models.rnn_lm`: another family, trained on the train split."""
+
+    tag = "rnn"
+
+    def __init__(self, path: str | Path, device: torch.device, batch_size: int = 64):
+        from bench.models.rnn_lm import load_reference
+        model, ckpt = load_reference(path, device)
+        super().__init__(model, device, batch_size)
+        c, ppl = model.cfg, ckpt.get("metrics", {}).get("val_ppl", float("nan"))
+        self.name = (f"{Path(path)} ({c.depth}-layer {c.cell.upper()} LM, hidden {c.hidden}, {_millions(model)}, "
+                     f"validation perplexity {ppl:.4g})")
+
+
+class NGramReferenceLM(ReferenceLM):
+    """The interpolated Kneser–Ney n-gram LM of the train split (bench.metrics.ngram); no hidden states."""
+
+    tag = "ngram"
+    has_features = False
+
+    def __init__(self, lm):
+        self.lm = lm
+        self.name = f"interpolated Kneser–Ney {lm.order}-gram LM of the train split ({lm.train_tokens:,} tokens)"
+
+    def score(self, prompts, conts):
+        from bench.metrics.ngram import sequence_nll
+        nll = [float(sequence_nll(self.lm, list(p) + list(c), start=len(p)).sum()) for p, c in zip(prompts, conts)]
+        return np.array(nll), np.array([len(c) for c in conts])
+
+    def features(self, prompts, conts, pooling="mean"):
+        raise ValueError("the n-gram scorer has no hidden states: it gives no MAUVE features")
 
 
 class HFReferenceLM(ReferenceLM):

@@ -18,22 +18,32 @@ dblocks    the paper's formulation.  The target of position p is y_p = normalise
 Inference (dblocks): for the token at position p, z = σ_max·ε (or diffusion.sample_sigma_max) and the
 chain of `sample_chain` on the equal-probability σ grid of diffusion.inference_steps points (0 → B: one call per block), each
 step by the block that owns σ, with D̂ = softmax(logits) @ Ê (Ê: the normalised embedding table);
-the logits of the final call (at σ_min) predict the token: greedy (argmax, the paper's decoding) or
-sampled (eval.db_decoding).  e2e samples with top-p (eval.top_p, 0.95 as in the paper).
+the logits of the final call (at σ_min) predict the token.
 
-Metrics (definitions in bench/metrics/text.py and the README), on the split `evaluate` is given:
-validation (the text layer's recorded val split, data.val_subset windows; keys `val_ppl`,
-`val_denoise_ppl`, `val_gen_ppl`, …: what selections read) or test (read only by `load_test`, through
-the seal of bench.splits; keys `test_ppl`, `denoise_ppl`, `gen_ppl`, …: what the tables publish).
-Prompts for generation are windows of the same split.
+Decoding (`decode_tokens`): the ranking figures decode BOTH arms the same way, eval.decoding — `top_p`
+(nucleus sampling at eval.top_p, the default) or `greedy` (argmax) — with the decoding draws on their own
+seeded stream, so that with identical logits both arms pick identical tokens whatever noise the
+denoiser consumes.  The other decodings of eval.decoding_variants are reported beside them as variants
+(`mauve@rnn,greedy`, …); `paper` is the paper's arm-specific decoding (e2e top-p, dblocks
+eval.db_decoding: greedy), kept as a labelled variant only.
+
+Metrics (definitions in bench/metrics/text.py, METRIC_DEFINITIONS below and the README), on the split
+`evaluate` is given: validation (the text layer's recorded val split, data.val_subset windows; keys
+`val_ppl`, `val_denoise_ppl`, `val_mauve@rnn`, …: what selections read) or test (read only by
+`load_test`, through the seal of bench.splits; keys `test_ppl`, `denoise_ppl`, `mauve@rnn`, …: what the
+tables publish).  Prompts for generation are windows of the same split.
   test_ppl / test_bpc        e2e: exact perplexity / bits per character.
   denoise_ppl / denoise_bpc  dblocks: "denoising perplexity", teacher-forced: every token is
                              predicted by the chained inference above from the true preceding tokens,
                              and its probability is the average of softmax(final logits) over
                              eval.noise_draws fixed noise draws.  NOT a likelihood bound: it is the
                              perplexity of that noise-averaged distribution, not of the sampler.
-  gen_ppl                    perplexity of sampled continuations under the reference LM (eval.reference).
-  mauve                      MAUVE (mauve-text) of sampled vs real continuations on the reference's features.
+  gen_ppl@<scorer>           perplexity of sampled continuations under a scorer LM: `ngram` (Kneser–Ney
+                             n-gram of the train split, eval.ngram_order), `rnn` (GRU/LSTM reference,
+                             eval.rnn_reference), `ref` (eval.reference: same family as the e2e arm).
+  mauve@<scorer>             MAUVE (mauve-text) of sampled vs real continuations on the scorer's features.
+  The ranking metric (`metric`) is mauve@rnn (higher is better) under the shared decoding; without an
+  RNN reference mauve@ref, without features gen_ppl@<first scorer>, without any scorer the perplexity.
 Compute: layer evaluations per training step (the trainer's count; the denoiser's layers see 2T
 tokens, so `train_token_layer_evals` is also given) and per generated token.
 """
@@ -42,7 +52,7 @@ from __future__ import annotations
 
 import json
 import re
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -59,26 +69,33 @@ from bench.tasks.base import Task
 from bench.tasks.masked_lm import HeldOutText, check_split_sizes
 
 SIGMA_PER = ("sequence", "token")
+DECODINGS = ("top_p", "greedy")              # what eval.decoding may be: one decoding for both arms
+DECODING_VARIANTS = (*DECODINGS, "paper")    # paper: e2e top-p, dblocks eval.db_decoding
 
 
 @dataclass
 class LMEvalConfig(EvalConfig):
     batch_size: int = 64
-    reference: str = ""            # final.pt of an e2e autoregressive run, or a local HF causal-LM directory; "": none
+    reference: str = ""            # scorer `ref`: final.pt of an e2e autoregressive run, or a local HF causal-LM directory
+    rnn_reference: str = ""        # scorer `rnn`: a GRU/LSTM reference of `python -m bench.models.rnn_lm`; "": none
+    ngram_order: int = 0           # scorer `ngram`: interpolated Kneser–Ney of this order on the train split; 0: none
+    ngram_train_tokens: int = 0    # fit the n-gram LM on the first N train tokens (0: all; paper-scale corpora need a cap)
     ppl_sequences: int = 0         # final: windows of the split for exact/denoising perplexity (0: all)
     curve_ppl_sequences: int = 64  # learning curve: windows for the same
     noise_draws: int = 4           # dblocks: noise draws averaged per token in the denoising perplexity
     prompts: int = 128             # final: prompts (windows of the split, evenly spaced) for generation
     continuations: int = 2         # final: continuations sampled per prompt
-    curve_prompts: int = 32        # learning curve: prompts (one continuation each) for gen_ppl
+    curve_prompts: int = 32        # learning curve: prompts (one continuation each) for gen_ppl and the ranking MAUVE
     prompt_len: int = 32           # tokens of prompt
     gen_len: int = 64              # tokens generated per continuation
-    top_p: float = 0.95            # e2e decoding: nucleus sampling (1.0: plain sampling)
-    db_decoding: str = "greedy"    # dblocks decoding of the final logits: greedy (paper) | sample (top-p)
-    mauve: bool = True             # final: MAUVE of sampled vs real continuations (needs a reference)
+    decoding: str = "top_p"        # the ranking decoding, the same for both arms: top_p | greedy
+    decoding_variants: list = field(default_factory=lambda: list(DECODING_VARIANTS))   # final: also these (not eval.decoding)
+    top_p: float = 0.95            # nucleus of top-p decoding (1.0: plain sampling)
+    db_decoding: str = "greedy"    # dblocks decoding of the `paper` variant: greedy (paper) | sample (top-p)
+    mauve: bool = True             # MAUVE of sampled vs real continuations under the scorers with features (rnn, ref)
     mauve_scaling: float = 2.0     # MAUVE's scaling constant c (paper v4: 2; mauve-text's default: 5)
-    mauve_buckets: int = 0         # k-means buckets; 0: max(2, n/10)
-    mauve_features: str = "mean"   # reference hidden state averaged over the continuation (mean) or its last token
+    mauve_buckets: int = 0         # final: k-means buckets; 0: max(2, n/10) (the learning curve always uses 0)
+    mauve_features: str = "mean"   # scorer hidden state averaged over the continuation (mean) or its last token
     samples_shown: int = 6         # continuations written to results/<suite>/samples_<arm>.md
     samples_dir: str = "results"
 
@@ -96,6 +113,46 @@ def top_p_sample(logits: torch.Tensor, top_p: float, generator: torch.Generator)
     return torch.multinomial(probs / probs.sum(-1, keepdim=True), 1, generator=generator).squeeze(-1)
 
 
+def decode_tokens(logits: torch.Tensor, decoding: str, top_p: float, generator: torch.Generator) -> torch.Tensor:
+    """The next token of each row of logits (N, V): argmax (`greedy`) or nucleus sampling (`top_p`).
+    A function of the logits and the generator only, so both arms decode alike."""
+    if decoding == "greedy":
+        return logits.argmax(-1).cpu()
+    return top_p_sample(logits, top_p, generator)
+
+
+def paper_decoding(is_dblocks: bool, db_decoding: str) -> str:
+    """The paper's arm-specific decoding: e2e top-p; dblocks greedy (or top-p with db_decoding: sample)."""
+    return "greedy" if is_dblocks and db_decoding == "greedy" else "top_p"
+
+
+def generation_generators(seed: int) -> tuple[torch.Generator, torch.Generator]:
+    """(model noise, decoding draws) for one generation: two streams, so the decoding draws are the same
+    for every arm however much noise its model consumes (common random numbers for the shared decoding)."""
+    decode_seed = int(np.random.SeedSequence([seed, 0xDEC0DE]).generate_state(1, dtype=np.uint64)[0]) >> 1
+    return torch.Generator().manual_seed(seed), torch.Generator().manual_seed(decode_seed)
+
+
+def scorer_tags(e: LMEvalConfig) -> list[str]:
+    """The scorers eval configures, in ranking order: rnn (another family), ngram, ref (eval.reference)."""
+    return [tag for tag, on in (("rnn", e.rnn_reference), ("ngram", e.ngram_order), ("ref", e.reference)) if on]
+
+
+def feature_tags(e: LMEvalConfig) -> list[str]:
+    """The scorers with hidden states, which give MAUVE features."""
+    return [t for t in scorer_tags(e) if t != "ngram"]
+
+
+def ranking_metric(e: LMEvalConfig, is_dblocks: bool) -> str:
+    """mauve@<first scorer with features>; without MAUVE gen_ppl@<first scorer>; without any scorer the
+    arm's own perplexity (then e2e and dblocks are not ranked by the same number)."""
+    if e.mauve and feature_tags(e):
+        return f"mauve@{feature_tags(e)[0]}"
+    if scorer_tags(e):
+        return f"gen_ppl@{scorer_tags(e)[0]}"
+    return "denoise_ppl" if is_dblocks else "test_ppl"
+
+
 def evenly_spaced(n_available: int, n: int) -> np.ndarray:
     """n indices spread evenly over range(n_available) (all of them if n is 0 or too large)."""
     if n <= 0 or n >= n_available:
@@ -111,8 +168,10 @@ def strided_windows(tokens: np.ndarray, length: int, stride: int, indices) -> np
 
 class AutoregressiveTask(Task):
     name = "autoregressive"
-    metric = "gen_ppl"
-    higher_is_better = False
+    # the suites' ranking metric (sweeps and tuning read the class); an instance without an RNN
+    # reference ranks by ranking_metric(eval) and sets its own higher_is_better
+    metric = "mauve@rnn"
+    higher_is_better = True
     e2e_denoiser = False
     data_config = TextDataConfig
     eval_config = LMEvalConfig
@@ -137,23 +196,38 @@ class AutoregressiveTask(Task):
                               f"model.seq_len {m.seq_len}")
         if not 0 < e.top_p <= 1:
             raise ConfigError(f"eval.top_p must be in (0, 1], got {e.top_p}")
+        if e.decoding not in DECODINGS:
+            raise ConfigError(f"eval.decoding must be one of {', '.join(DECODINGS)} (the same for both arms), "
+                              f"got {e.decoding!r}")
+        if any(d not in DECODING_VARIANTS for d in e.decoding_variants):
+            raise ConfigError(f"eval.decoding_variants must be among {', '.join(DECODING_VARIANTS)}, "
+                              f"got {e.decoding_variants}")
         if e.db_decoding not in ("greedy", "sample"):
             raise ConfigError(f"eval.db_decoding must be greedy or sample, got {e.db_decoding!r}")
+        if e.ngram_order < 0 or e.ngram_train_tokens < 0:
+            raise ConfigError(f"eval.ngram_order and eval.ngram_train_tokens must be >= 0, got {e.ngram_order} "
+                              f"and {e.ngram_train_tokens}")
         if e.mauve_features not in ("mean", "last"):
             raise ConfigError(f"eval.mauve_features must be mean or last, got {e.mauve_features!r}")
         for k in ("noise_draws", "prompts", "continuations", "curve_prompts"):
             if getattr(e, k) < 1:
                 raise ConfigError(f"eval.{k} must be >= 1, got {getattr(e, k)}")
-        if e.reference and e.mauve:
+        if feature_tags(e) and e.mauve:
             M.check_mauve_counts(e.prompts, e.prompts * e.continuations, e.mauve_buckets)
+            if ranking_metric(e, cfg.is_dblocks).startswith("mauve"):   # every curve point scores it
+                try:
+                    M.check_mauve_counts(e.curve_prompts, e.curve_prompts)
+                except ConfigError as err:
+                    raise ConfigError(f"the learning curve ranks by MAUVE: eval.curve_prompts {e.curve_prompts} is "
+                                      f"too few ({err}); raise it to 20 or more") from None
 
     def __init__(self, cfg):
         super().__init__(cfg)
         self.spec = TextSpec.from_data_config(cfg.data)
         self.seq_len = cfg.data.seq_len
-        e = cfg.eval
-        self.metric = "gen_ppl" if e.reference else ("denoise_ppl" if cfg.is_dblocks else "test_ppl")
-        self._reference = None
+        self.metric = ranking_metric(cfg.eval, cfg.is_dblocks)
+        self.higher_is_better = self.metric.startswith("mauve")
+        self._scorers: dict[str, M.ReferenceLM] = {}
 
     # ---- data and model ---------------------------------------------------------------------------------
     @property
@@ -170,7 +244,7 @@ class AutoregressiveTask(Task):
         check_split_sizes(data, self.window, self.cfg.data.random_offset, f"data.seq_len {self.seq_len}")
         for split in ("val", "test"):
             n_prompts = num_windows(data.meta["splits"][split]["tokens"], e.prompt_len + e.gen_len)
-            if e.reference and n_prompts < e.prompts:
+            if scorer_tags(e) and n_prompts < e.prompts:
                 raise ConfigError(f"eval.prompts {e.prompts} is more than the {n_prompts} {split} windows of "
                                   f"{e.prompt_len + e.gen_len} tokens")
         if self._num_train(data) < self.cfg.train.batch_size:
@@ -178,6 +252,14 @@ class AutoregressiveTask(Task):
                               f"{self._num_train(data)} training windows of {self.window} tokens")
         if e.reference:
             self.check_reference(data)
+        if e.rnn_reference:
+            self.check_rnn_reference()
+        if e.ngram_order:
+            from bench.metrics.ngram import check_order
+            try:
+                check_order(e.ngram_order, data.vocab_size)
+            except ValueError as err:
+                raise ConfigError(f"eval.ngram_order: {err}") from None
 
     def check_reference(self, data: PreparedText) -> None:
         """One line, before compute, if eval.reference is missing, not a causal LM, or another data's model."""
@@ -197,14 +279,33 @@ class AutoregressiveTask(Task):
                 or ref.get("model", {}).get("arch") != "llama":
             raise ConfigError(f"eval.reference {path} is not a causal LM: it is a {ref.get('task')}/{ref.get('mode')} "
                               f"run of {ref.get('model', {}).get('arch')}; give an e2e autoregressive llama run")
-        ours, theirs = self.spec.recipe(), TextSpec.from_data_config(TextDataConfig(**ref["data"])).recipe()
-        if ours != theirs or ref["data"]["root"] != self.cfg.data.root:
-            diff = sorted(k for k in ours if ours[k] != theirs.get(k)) or ["data.root"]
-            raise ConfigError(f"eval.reference {path} was trained on other data ({', '.join(diff)} differ); "
-                              f"retrain it on this suite's data section")
+        self.check_same_data("eval.reference", path, ref["data"])
         if ref["model"]["seq_len"] < self.cfg.eval.prompt_len + self.cfg.eval.gen_len:
             raise ConfigError(f"eval.reference {path} has a context of {ref['model']['seq_len']} tokens, shorter than "
                               f"prompt + continuation ({self.cfg.eval.prompt_len + self.cfg.eval.gen_len})")
+
+    def check_rnn_reference(self) -> None:
+        """One line, before compute, if eval.rnn_reference is missing, not an RNN reference, or another data's."""
+        from bench.models.rnn_lm import CHECKPOINT_KIND
+        path = Path(self.cfg.eval.rnn_reference)
+        if not path.is_file():
+            raise ConfigError(f"eval.rnn_reference {path} not found: train it first (the suite's `rnn_reference` "
+                              f"stage: python -m bench.models.rnn_lm PARAMS)")
+        try:
+            ckpt = torch.load(path, map_location="cpu", weights_only=False)
+        except Exception as e:  # noqa: BLE001 - any unreadable file is the user's input error
+            raise ConfigError(f"eval.rnn_reference {path} is not a checkpoint ({type(e).__name__})") from None
+        if not isinstance(ckpt, dict) or ckpt.get("kind") != CHECKPOINT_KIND:
+            raise ConfigError(f"eval.rnn_reference {path} is not an RNN reference of python -m bench.models.rnn_lm")
+        self.check_same_data("eval.rnn_reference", path, ckpt["config"]["data"])
+
+    def check_same_data(self, what: str, path: Path, ref_data: dict) -> None:
+        """A scorer must have been trained on this suite's prepared data (same recipe and root)."""
+        ours, theirs = self.spec.recipe(), TextSpec.from_data_config(TextDataConfig(**ref_data)).recipe()
+        if ours != theirs or ref_data["root"] != self.cfg.data.root:
+            diff = sorted(k for k in ours if ours[k] != theirs.get(k)) or ["data.root"]
+            raise ConfigError(f"{what} {path} was trained on other data ({', '.join(diff)} differ); "
+                              f"retrain it on this suite's data section")
 
     def _num_train(self, data) -> int:
         n = num_windows(data.meta["splits"]["train"]["tokens"], self.window, self.cfg.data.random_offset)
@@ -333,18 +434,22 @@ class AutoregressiveTask(Task):
             return model(seq[:, -model.cfg.seq_len:])[:, -1]
         return self.chain_logits(model, seq, torch.tensor([seq.shape[1]]), generator)[:, 0]
 
-    def decode(self, logits, generator) -> torch.Tensor:
-        e = self.cfg.eval
-        if self.cfg.is_dblocks and e.db_decoding == "greedy":
-            return logits.argmax(-1).cpu()
-        return top_p_sample(logits, e.top_p, generator)
+    def resolve_decoding(self, name: str | None = None) -> str:
+        """top_p | greedy: `name` (default eval.decoding, the ranking decoding); `paper` is this arm's own."""
+        name = name or self.cfg.eval.decoding
+        return paper_decoding(self.cfg.is_dblocks, self.cfg.eval.db_decoding) if name == "paper" else name
+
+    def decode(self, logits, generator, decoding: str | None = None) -> torch.Tensor:
+        return decode_tokens(logits, self.resolve_decoding(decoding), self.cfg.eval.top_p, generator)
 
     @torch.no_grad()
-    def generate(self, model, prompts: torch.Tensor, n_new: int, generator) -> torch.Tensor:
-        """Continuations (N, n_new) of the prompts (N, P), one token at a time."""
+    def generate(self, model, prompts: torch.Tensor, n_new: int, generator, decoding: str | None = None,
+                 sampler: torch.Generator | None = None) -> torch.Tensor:
+        """Continuations (N, n_new) of the prompts (N, P), one token at a time: the model's noise from
+        `generator`, the decoding draws from `sampler` (default: the same generator)."""
         seq = prompts
         for _ in range(n_new):
-            nxt = self.decode(self.next_token_logits(model, seq, generator), generator)
+            nxt = self.decode(self.next_token_logits(model, seq, generator), sampler or generator, decoding)
             seq = torch.cat([seq, nxt.to(seq.device)[:, None]], dim=1)
         return seq[:, prompts.shape[1]:]
 
@@ -377,14 +482,29 @@ class AutoregressiveTask(Task):
         return torch.cat(out).double()
 
     # ---- evaluation --------------------------------------------------------------------------------------------
-    def reference_lm(self, device) -> M.ReferenceLM:
-        if self._reference is None:
-            path = Path(self.cfg.eval.reference)
-            if path.is_dir():
-                self._reference = M.HFReferenceLM(path, self.data.tokenizer.decode, device)
-            else:
-                self._reference = M.BenchReferenceLM(path, device, self.cfg.eval.batch_size)
-        return self._reference
+    def scorer_tags(self) -> list[str]:
+        return scorer_tags(self.cfg.eval)
+
+    def scorers(self, device) -> dict[str, M.ReferenceLM]:
+        """{tag: scorer} of every scorer eval configures, built once (the n-gram LM fit once per data content)."""
+        for tag in self.scorer_tags():
+            if tag not in self._scorers:
+                self._scorers[tag] = self._make_scorer(tag, device)
+        return {t: self._scorers[t] for t in self.scorer_tags()}
+
+    def _make_scorer(self, tag: str, device) -> M.ReferenceLM:
+        e = self.cfg.eval
+        if tag == "ngram":
+            from bench.metrics import ngram
+            train = self.data.tokens("train")
+            train = np.asarray(train[:e.ngram_train_tokens] if e.ngram_train_tokens else train)
+            return M.NGramReferenceLM(ngram.fitted(train, self.data.vocab_size, e.ngram_order))
+        if tag == "rnn":
+            return M.RNNReferenceLM(e.rnn_reference, device, e.batch_size)
+        path = Path(e.reference)
+        if path.is_dir():
+            return M.HFReferenceLM(path, self.data.tokenizer.decode, device)
+        return M.BenchReferenceLM(path, device, e.batch_size)
 
     def prompt_windows(self, held: HeldOutText, n: int) -> tuple[list[list[int]], list[list[int]]]:
         """Prompts and their real continuations: n windows of prompt_len + gen_len of `held`, evenly spaced."""
@@ -425,11 +545,12 @@ class AutoregressiveTask(Task):
 
     @torch.no_grad()
     def evaluate(self, model, device, final: bool = False, split: str = "val") -> dict:
-        """Perplexity, and with a reference gen_ppl (final: MAUVE, samples, variants), on `split`;
-        keys named for it (`metric_on`), compute counts unprefixed."""
+        """Perplexity, and with scorers the sample figures under the shared decoding (final: every
+        scorer's MAUVE, samples, the decoding and inference variants), on `split`; keys named for it
+        (`metric_on`), compute counts unprefixed."""
         held = self.split_data(split)
 
-        def on(key: str) -> str:   # test_ppl → val_ppl, gen_ppl → val_gen_ppl on validation
+        def on(key: str) -> str:   # test_ppl → val_ppl, mauve@rnn → val_mauve@rnn on validation
             return metric_on(key, split)
 
         was_training = model.training
@@ -438,10 +559,10 @@ class AutoregressiveTask(Task):
         kind = "denoise" if self.cfg.is_dblocks else "test"
         ppl, bpc, n_tok = self.perplexity(model, held, e.ppl_sequences if final else e.curve_ppl_sequences, device)
         result = {on(f"{kind}_ppl"): ppl, on(f"{kind}_bpc"): bpc}
-        # generative perplexity under the reference, from prompts of this split
-        if e.reference:
+        # sampled continuations of prompts of this split, scored by every scorer
+        if self.scorer_tags():
             gen = self.generation_metrics(model, device, final, held)
-            result.update({on(k): v for k, v in gen.pop("metrics").items()})
+            result.update({on(k): v for k, v in gen["metrics"].items()})
         compute = self.train_compute(self._steps_done(final))
         result.update(compute)
         if final:
@@ -452,20 +573,39 @@ class AutoregressiveTask(Task):
                            **{f"{k}@total": v for k, v in compute.items()}})
             if self.cfg.is_dblocks:
                 result["inference_steps"] = len(self.inference_sigmas())
-            if e.reference:
+            if self.scorer_tags():
                 result[on("samples_file")] = str(self.write_samples(gen, split))
+                result.update({f"scorer_{t}": name for t, name in gen["scorers"].items()})
+                result["decoding"] = self.decoding_note()
+                result.update({on(k): v for k, v in self.decoding_variants(model, device, held, gen["metrics"]).items()})
             result.update({on(k): v for k, v in self.final_variants(model, device, held).items()})
             track.log_final(self.cfg.suite, self.cfg.arm, texts={"metric_definitions.md": METRIC_DEFINITIONS},
                             files=[result.get(on("samples_file"))])
         model.train(was_training)
         return result
 
+    def decoding_variants(self, model, device, held: HeldOutText, main: dict) -> dict:
+        """The final sample figures under each of eval.decoding_variants but eval.decoding, keyed as
+        variants (`mauve@rnn,greedy`): the same prompts and number of continuations as the ranking
+        figures, so each is comparable with them; a decoding equal to one already run is copied
+        (e2e's `paper` decoding is top-p)."""
+        e = self.cfg.eval
+        done, out = {self.resolve_decoding(): main}, {}
+        for name in e.decoding_variants:
+            if name == e.decoding:
+                continue
+            decoding = self.resolve_decoding(name)
+            if decoding not in done:
+                done[decoding] = self.generation_metrics(model, device, True, held, decoding=decoding)["metrics"]
+            out.update(M.as_variant(done[decoding], name))
+        return out
+
     def final_variants(self, model, device, held: HeldOutText) -> dict:
         """Other inference settings of the final evaluation, keyed as on test (the caller renames
-        them for the split).  DiffusionBlocks AR: the same prompts (one continuation each) sampled
-        with 2B and 4B denoiser calls per token, to show how the step count trades gen_ppl against
-        diversity.  The recurrent task overrides this with its recurrences."""
-        if not self.cfg.is_dblocks or not self.cfg.eval.reference:
+        them for the split).  DiffusionBlocks AR: the same prompts (one continuation each, the
+        shared decoding) sampled with 2B and 4B denoiser calls per token, to show how the step count
+        trades the sample figures against diversity.  The recurrent task overrides this with its recurrences."""
+        if not self.cfg.is_dblocks or not self.scorer_tags():
             return {}
         d, out = self.cfg.diffusion, {}
         main = d.inference_steps
@@ -473,51 +613,49 @@ class AutoregressiveTask(Task):
             for steps in (2 * self.partition.num_blocks, 4 * self.partition.num_blocks):
                 d.inference_steps = steps
                 m = self.generation_metrics(model, device, True, held, continuations=1)["metrics"]
-                out.update({f"gen_ppl@{steps}steps": m["gen_ppl"], f"distinct4@{steps}steps": m["distinct4@gen"]})
-                if "mauve@ref" in m:
-                    out[f"mauve@{steps}steps"] = m["mauve@ref"]
+                out.update(M.as_variant(m, f"{steps}steps"))
         finally:
             d.inference_steps = main
         return out
 
-    def generation_metrics(self, model, device, final: bool, held: HeldOutText, continuations: int = 0) -> dict:
-        """Sample continuations of prompts of `held`; gen_ppl (and, final, MAUVE and the real text's
-        gen_ppl).  continuations: per prompt (0: eval.continuations when final, else 1)."""
+    def generation_metrics(self, model, device, final: bool, held: HeldOutText, continuations: int = 0,
+                           decoding: str | None = None) -> dict:
+        """Sample continuations of prompts of `held` with `decoding` (default eval.decoding, the same for
+        both arms) and score them under every scorer (M.generation_figures): gen_ppl and distinct-4,
+        and MAUVE under the ranking scorer; final: also every scorer's MAUVE and the real text's
+        figures.  continuations: per prompt (0: eval.continuations when final, else 1)."""
         e = self.cfg.eval
         n_prompts, n_cont = (e.prompts, e.continuations) if final else (e.curve_prompts, 1)
         n_cont = continuations or n_cont
         prompts, real = self.prompt_windows(held, n_prompts)
-        g = torch.Generator().manual_seed(e.seed)
+        noise, sampler = generation_generators(e.seed)
         P = torch.tensor(prompts, device=device)
         conts = []
         for _ in range(n_cont):
             for s in range(0, len(P), e.batch_size):
-                conts += self.generate(model, P[s:s + e.batch_size], e.gen_len, g).cpu().tolist()
+                conts += self.generate(model, P[s:s + e.batch_size], e.gen_len, noise, decoding, sampler).cpu().tolist()
         gen_prompts = [p for _ in range(n_cont) for p in prompts]
-        ref = self.reference_lm(device)
-        nll, cnt = ref.score(gen_prompts, conts)
-        metrics = {"gen_ppl": M.perplexity(float(nll.sum()), int(cnt.sum()))}
+        scorers = self.scorers(device)
         if final:
-            rnll, rcnt = ref.score(prompts, real)
-            metrics.update({"gen_ppl@data": M.perplexity(float(rnll.sum()), int(rcnt.sum())),
-                            "gen_samples": len(conts), "gen_prompts": n_prompts, "gen_len": e.gen_len,
-                            "distinct4@gen": M.distinct_ngrams(conts), "distinct4@data": M.distinct_ngrams(real)})
-            if e.mauve:
-                mv = M.mauve_score(ref.features(prompts, real, e.mauve_features),
-                                   ref.features(gen_prompts, conts, e.mauve_features), e.mauve_scaling,
-                                   e.mauve_buckets, seed=e.seed)
-                metrics.update({"mauve@ref": mv["mauve"], "mauve_buckets": mv["mauve_buckets"],
-                                "mauve_n_real": mv["mauve_n_real"], "mauve_n_gen": mv["mauve_n_gen"]})
+            mauve_tags = feature_tags(e) if e.mauve else []
+        else:   # the learning curve: the ranking MAUVE only (what the curve and the sweeps read)
+            mauve_tags = [self.metric.split("@")[1]] if self.metric.startswith("mauve@") else []
+        metrics = M.generation_figures(scorers, prompts, real, gen_prompts, conts, with_data=final,
+                                       mauve_tags=mauve_tags, mauve_buckets=e.mauve_buckets if final else 0,
+                                       mauve_scaling=e.mauve_scaling, mauve_features=e.mauve_features, seed=e.seed)
+        if final:
+            metrics.update({"gen_samples": len(conts), "gen_prompts": n_prompts, "gen_len": e.gen_len})
         return {"metrics": metrics, "prompts": gen_prompts, "conts": conts, "real": real * n_cont,
-                "reference": ref.name}
+                "scorers": {t: ref.name for t, ref in scorers.items()}}
 
-    def decoding_note(self) -> str:
+    def decoding_note(self, decoding: str | None = None) -> str:
         e = self.cfg.eval
+        decoding = self.resolve_decoding(decoding)
+        dec = "greedy (argmax)" if decoding == "greedy" else f"top-p {e.top_p}"
         if self.cfg.is_dblocks:
-            dec = "greedy (argmax)" if e.db_decoding == "greedy" else f"top-p {e.top_p}"
             return (f"{len(self.inference_sigmas())} denoiser calls per token on the equal-probability σ grid "
                     f"(B = {self.partition.num_blocks}), {dec} decoding of the final logits")
-        return f"top-p {e.top_p} sampling"
+        return f"{dec} decoding"
 
     def write_samples(self, gen: dict, split: str) -> Path:
         """The first eval.samples_shown continuations: test → <samples_dir>/<suite>/samples_<arm>.md (the
@@ -526,7 +664,8 @@ class AutoregressiveTask(Task):
         md = [f"# {self.cfg.suite}/{self.cfg.arm}: sampled continuations\n",
               f"{len(gen['conts'])} continuations of {e.gen_len} {tok.kind} tokens after {e.prompt_len}-token prompts "
               f"from the {split} split ({self.decoding_note()}), seed {e.seed}; the first {e.samples_shown} are shown "
-              f"with the real continuation.  Scored by the reference {gen['reference']}.  Written by `bench evaluate`.\n"]
+              f"with the real continuation.  Scored by: {'; '.join(f'`{t}` {n}' for t, n in gen['scorers'].items())}.  "
+              f"Written by `bench evaluate`.\n"]
         for i in range(min(e.samples_shown, len(gen["conts"]))):
             md += [f"## Sample {i + 1}\n", "Prompt:\n", "```text", tok.decode(gen["prompts"][i]), "```",
                    "Generated:\n", "```text", tok.decode(gen["conts"][i]), "```",
@@ -542,34 +681,63 @@ METRIC_DEFINITIONS = """\
 | metric | arm | definition |
 |---|---|---|
 | `test_ppl`, `test_bpc` | e2e | exact test perplexity exp(mean −ln p(w_p given w_<p)) of the end-to-end LM over every test token after the first of each window (windows of data.seq_len + 1 tokens overlapping by one), and the same in bits per character |
-| `denoise_ppl`, `denoise_bpc` | dblocks | **denoising perplexity, not a likelihood bound**: each test token is predicted teacher-forced (true preceding tokens as clean context) by the chained DiffusionBlocks inference (z = σ_max·ε, Euler steps, one call per block), and q(token) = the average over `eval.noise_draws` fixed noise draws of softmax(final logits); exp of its mean −ln q.  It is the perplexity of that noise-averaged distribution, not of the distribution the greedy sampler draws from |
-| `gen_ppl` | both | generative perplexity: exp(mean −ln p_ref(c_j given prompt, c_<j)) over the tokens of sampled continuations, under the reference LM (`eval.reference`), in the reference's tokens; lower is not always better (repetitive text scores low) |
-| `gen_ppl@data` | both | the same for the *real* continuations of the same prompts: what a perfect sampler would score |
-| `mauve@ref` | both | MAUVE (mauve-text) between the reference LM's features of the real (P) and sampled (Q) prompt+continuation texts; feature = final hidden state averaged over the continuation (`eval.mauve_features`); k-means buckets and counts in `mauve_buckets`, `mauve_n_real`, `mauve_n_gen`; scaling `eval.mauve_scaling` |
-| `gen_ppl@Nsteps`, `distinct4@Nsteps`, `mauve@Nsteps` | dblocks (AR) | the same with N = 2B and 4B denoiser calls per token, one continuation per prompt (the main figures use B calls, the paper's setting) |
-| `test_ppl@KN`, `denoise_ppl@KN`, `gen_ppl@KN`, … | recurrent | the same at N inference iterations (`eval.recurrence_variants`; one continuation per prompt); the main figures use the arm's own K (`inference_recurrence`: e2e its training mean r̄) |
+| `denoise_ppl`, `denoise_bpc` | dblocks | **denoising perplexity, not a likelihood bound**: each test token is predicted teacher-forced (true preceding tokens as clean context) by the chained DiffusionBlocks inference (z = σ_max·ε, Euler steps, one call per block), and q(token) = the average over `eval.noise_draws` fixed noise draws of softmax(final logits); exp of its mean −ln q.  It is the perplexity of that noise-averaged distribution, not of the distribution the sampler draws from |
+| *scorers* | | every sample figure names the fixed LM that scores it: **`ngram`** an interpolated Kneser–Ney n-gram LM (order `eval.ngram_order`) of the train split's tokens, sharing nothing with either arm; **`rnn`** a GRU/LSTM LM trained on the train split (`eval.rnn_reference`, the suite's `rnn_reference` stage), another family and recipe than both arms; **`ref`** `eval.reference`, by default the e2e arm's own family and recipe trained longer (so e2e samples are in distribution for it: shown for continuity, never ranked) |
+| *decoding* | both | the figures without a decoding variant decode **both arms the same way**, `eval.decoding` (top-p at `eval.top_p`, or greedy), with the decoding draws on one seeded stream shared by the arms |
+| `mauve@rnn` (the ranking metric), `mauve@ref` | both | MAUVE (mauve-text) between the scorer's features of the real (P) and sampled (Q) prompt+continuation texts, higher is better (1: indistinguishable); feature = the scorer's final hidden state averaged over the continuation (`eval.mauve_features`); k-means buckets and counts in `mauve_buckets`, `mauve_n_real`, `mauve_n_gen`; scaling `eval.mauve_scaling`.  The n-gram scorer has no features, so no `mauve@ngram` |
+| `gen_ppl@ngram`, `gen_ppl@rnn`, `gen_ppl@ref` | both | generative perplexity: exp(mean −ln p_s(c_j given prompt, c_<j)) over the tokens of sampled continuations, under scorer s, in its tokens; lower is not always better (repetitive text scores low: read it with `distinct4@gen` and MAUVE) |
+| `gen_ppl@data,ngram`, `gen_ppl@data,rnn`, `gen_ppl@data,ref` | both | the same for the *real* continuations of the same prompts: what a perfect sampler would score under that scorer |
 | `distinct4@gen`, `distinct4@data` | both | unique 4-grams / all 4-grams of the sampled and of the real continuations (1: no repetition) |
+| `…,greedy`, `…,top_p`, `distinct4@gen,greedy` | both | the sample figures under another decoding (`eval.decoding_variants`), same prompts and continuation count |
+| `…,paper` | both | the paper's arm-specific decoding (e2e top-p, dblocks `eval.db_decoding`, greedy): unequal decoding, a labelled variant only |
+| `…,Nsteps` (e.g. `mauve@rnn,8steps`) | dblocks (AR) | the sample figures with N = 2B and 4B denoiser calls per token, one continuation per prompt, the shared decoding (the main figures use B calls, the paper's setting) |
+| `test_ppl@KN`, `denoise_ppl@KN`, `gen_ppl@rnn,KN`, … | recurrent | the same at N inference iterations (`eval.recurrence_variants`; one continuation per prompt); the main figures use the arm's own K (`inference_recurrence`: e2e its training mean r̄) |
 | `train_layer_evals` | both | transformer-layer forward passes per training batch, summed over training (recurrent e2e: every unrolled core iteration, with and without gradient) |
 | `train_token_layer_evals` | both | the same × tokens per pass × batch size (the DiffusionBlocks AR layers see 2T tokens: clean and noisy) |
 | `infer_layer_evals@per_token` | both | layer evaluations to generate one token (prefix recomputed, no KV cache) |
 
 Splits: the names above are the **test** split's (what the tables publish; its prompts and windows).
 Each also exists on the validation split, which every selection reads, as `metric_on` names it:
-`test_ppl` → `val_ppl`, `denoise_ppl` → `val_denoise_ppl`, `gen_ppl@data` → `val_gen_ppl@data`.
+`test_ppl` → `val_ppl`, `mauve@rnn` → `val_mauve@rnn`, `gen_ppl@data,ngram` → `val_gen_ppl@data,ngram`.
 The compute counts belong to no split.
 """
 
 
 # ---- the suite report ------------------------------------------------------------------------------------------
 # the test-split figures of the final variants (the val_ ones are for selections, not the table)
-TEST_VARIANT = re.compile(r"(gen_ppl|distinct4|mauve|test_ppl|test_bpc|denoise_ppl|denoise_bpc)@(\d+steps|K\d+)")
+TEST_VARIANT = re.compile(r"(?P<figure>(?:gen_ppl|distinct4|mauve|test_ppl|test_bpc|denoise_ppl|denoise_bpc)"
+                          r"(?:@[a-z]+)?)[@,](?P<variant>\d+steps|K\d+|greedy|top_p|paper)")
+PPL_KEYS = ("test_ppl", "test_bpc", "denoise_ppl", "denoise_bpc")
+COMPUTE_KEYS = ("train_layer_evals", "train_backward_layer_evals", "train_token_layer_evals",
+                "infer_layer_evals@per_token", "inference_recurrence")
+
+
+def lm_columns(metric: str, e: LMEvalConfig) -> list[str]:
+    """The main table: the ranking metric, each scorer's MAUVE and gen_ppl of samples and of the real text,
+    distinct-4, the arms' own perplexities and the compute counts."""
+    tags = scorer_tags(e)
+    cols = [metric, *(f"mauve@{t}" for t in feature_tags(e)), *(f"gen_ppl@{t}" for t in tags),
+            *(f"gen_ppl@data,{t}" for t in tags), "distinct4@gen", "distinct4@data", *PPL_KEYS, *COMPUTE_KEYS]
+    return list(dict.fromkeys(cols))
+
+
+def variant_rows(rows: list[dict]) -> list[dict]:
+    """One row per (arm, variant) holding the figures of the arm's variant keys (`mauve@rnn,greedy` →
+    variant greedy, column mauve@rnn)."""
+    out: dict[tuple, dict] = {}
+    for r in rows:
+        for k, v in r.items():
+            m = TEST_VARIANT.fullmatch(k)
+            if m:
+                out.setdefault((r["arm"], m["variant"]), {})[m["figure"]] = v
+    return [{"arm": arm, "variant": variant, **figs} for (arm, variant), figs in out.items()]
 
 
 def report(params_path, log=print) -> Path:
-    """`bench lm-report`: `bench compare`'s comparison.md (every metric as a column) headed by the metric
-    definitions, the language-model figures per arm, the compute ratios and the samples; plus
-    quality_vs_compute.png (the curve metrics against the *counted* training layer evaluations,
-    which for the recurrent e2e arm include every unrolled iteration)."""
+    """`bench lm-report`: `bench compare`'s comparison.md (every metric as a column) headed by the scorers,
+    the language-model figures per arm under the shared decoding, their variants, the metric definitions,
+    the checks and the samples; plus quality_vs_compute.png (the curve metrics against the *counted*
+    training layer evaluations, which for the recurrent e2e arm include every unrolled iteration)."""
     import pandas as pd
 
     from bench.config import arm_names, load_config, read_params
@@ -589,33 +757,33 @@ def report(params_path, log=print) -> Path:
         rows.append({"arm": arm, "mode": cfg.mode, **ev, "_cfg": cfg})
     first = rows[0]["_cfg"]
     e = first.eval
-    lm_cols = ["gen_ppl", "gen_ppl@data", "mauve@ref", "distinct4@gen", "distinct4@data", "test_ppl", "test_bpc",
-               "denoise_ppl", "denoise_bpc", "train_layer_evals", "train_backward_layer_evals",
-               "train_token_layer_evals", "infer_layer_evals@per_token"]
-    lm_cols += ["inference_recurrence"] + sorted({k for r in rows for k in r if TEST_VARIANT.fullmatch(k)})
-    table = pd.DataFrame([{"arm": r["arm"], "mode": r["mode"], **{c: r.get(c, float("nan")) for c in lm_cols}}
+    metric = rows[0].get("metric") or ranking_metric(e, first.is_dblocks)
+    table = pd.DataFrame([{"arm": r["arm"], "mode": r["mode"], **{c: r.get(c, float("nan"))
+                                                                  for c in lm_columns(metric, e)}}
                           for r in rows]).dropna(axis=1, how="all")
-    ref_note = ""
-    ref_eval = Path(e.reference).parent / "eval.json" if e.reference else None
-    if ref_eval is not None and ref_eval.is_file():
-        r = json.loads(ref_eval.read_text())
-        ref_note = f" (its own exact test perplexity {r['test_ppl']:.4g}, {r['test_bpc']:.4g} bits per character)"
+    variants = pd.DataFrame(variant_rows(rows))
     notes = [f"**Scale.** {first.data.dataset}, {first.data.tokenizer} tokens, context {first.data.seq_len}; "
-             f"these are numbers of this corpus and model size only (not LM1B/OWT numbers).  Reference LM for "
-             f"gen_ppl and MAUVE: `{e.reference or 'none'}`{ref_note}; {e.prompts} test prompts × {e.continuations} continuations "
-             f"of {e.gen_len} tokens after {e.prompt_len}-token prompts (MAUVE: "
+             f"these are numbers of this corpus and model size only (not LM1B/OWT numbers).  {e.prompts} test prompts "
+             f"× {e.continuations} continuations of {e.gen_len} tokens after {e.prompt_len}-token prompts (MAUVE: "
              f"{rows[0].get('mauve_n_real', '–')} real vs {rows[0].get('mauve_n_gen', '–')} generated texts, "
              f"{rows[0].get('mauve_buckets', '–')} buckets, scaling {e.mauve_scaling}).\n",
+             f"**Ranking.** `{metric}` ({'higher' if metric.startswith('mauve') else 'lower'} is better), with both "
+             f"arms decoded the same way (`eval.decoding`: {e.decoding}"
+             f"{f', p = {e.top_p}' if e.decoding == 'top_p' else ''}).\n",
+             "**Scorers.**\n", *_scorer_lines(rows[0], e), "",
              "## Language-model figures\n", "Test split (validation figures, `val_*`, are in each eval.json).\n",
-             _markdown_table(table), "",
-             "## Metric definitions\n", METRIC_DEFINITIONS]
+             _markdown_table(table), ""]
+    if len(variants):
+        notes += ["## Variants\n", "The same figures under the other decodings (`greedy`, `top_p`; `paper`: the paper's "
+                  "arm-specific decoding, e2e top-p vs DiffusionBlocks greedy) and inference settings (`Nsteps`, `KN`).\n",
+                  _markdown_table(variants), ""]
+    notes += ["## Metric definitions\n", METRIC_DEFINITIONS]
     e2e = [r for r in rows if r["mode"].startswith("e2e")]
     db = [r for r in rows if r["mode"].startswith("dblocks")]
     if e2e and db:
         lines = ["## Checks\n"]
-        a = e2e[0]
         for b in db:
-            lines += _checks(a, b)
+            lines += _checks(e2e[0], b, metric, scorer_tags(e))
         notes += lines + [""]
     notes += ["## Samples\n", *[f"- `{r['arm']}`: [samples_{r['arm']}.md](samples_{r['arm']}.md)" for r in rows
                                  if r.get("samples_file")], "",
@@ -624,22 +792,49 @@ def report(params_path, log=print) -> Path:
               "`epochs_equiv` count forward layer passes (for the recurrent e2e arm every unrolled iteration, as "
               "`train_layer_evals` above).\n"]
     md = compare(params_path, notes="\n".join(notes))
-    _plot_quality(curves, out / "quality_vs_compute.png", suite)
+    keys = [metric, *(f"gen_ppl@{t}" for t in scorer_tags(e)), "test_ppl", "denoise_ppl"]
+    _plot_quality(curves, out / "quality_vs_compute.png", suite, list(dict.fromkeys(keys)))
     log(f"{suite}: wrote {out / 'quality_vs_compute.png'}")
     return md
 
 
-def _checks(a: dict, b: dict) -> list[str]:
-    """The gen-ppl ratio (target: within 15%) and the compute ratios of arm b against e2e arm a."""
+def _scorer_lines(row: dict, e: LMEvalConfig) -> list[str]:
+    """One line per scorer: what it is (as the evaluation recorded it)."""
     lines = []
-    if "gen_ppl" in a and "gen_ppl" in b:
-        ratio = b["gen_ppl"] / a["gen_ppl"]
-        lines.append(f"- gen_ppl {b['arm']} / {a['arm']} = {b['gen_ppl']:.4g} / {a['gen_ppl']:.4g} = {ratio:.3f} "
-                     f"({'within' if abs(ratio - 1) <= 0.15 else 'NOT within'} 15%); real continuations: "
-                     f"{a.get('gen_ppl@data', float('nan')):.4g}; MAUVE {b.get('mauve@ref', float('nan')):.3g} vs "
-                     f"{a.get('mauve@ref', float('nan')):.3g}; distinct-4 {b.get('distinct4@gen', float('nan')):.3g} vs "
-                     f"{a.get('distinct4@gen', float('nan')):.3g}.  Decoding: {a['arm']} {_decoding(a['_cfg'])}; "
-                     f"{b['arm']} {_decoding(b['_cfg'])}.")
+    for tag in scorer_tags(e):
+        name = row.get(f"scorer_{tag}", {"ngram": f"Kneser–Ney {e.ngram_order}-gram", "rnn": e.rnn_reference,
+                                         "ref": e.reference}[tag])
+        if tag == "ref":
+            ref_eval = Path(e.reference).parent / "eval.json"
+            if ref_eval.is_file():
+                r = json.loads(ref_eval.read_text())
+                name += f"; its own exact test perplexity {r['test_ppl']:.4g}, {r['test_bpc']:.4g} bits per character"
+            name += "; the e2e arm's family: shown for continuity, not ranked"
+        lines.append(f"- `{tag}`: {name}")
+    return lines
+
+
+def _checks(a: dict, b: dict, metric: str, tags: list[str]) -> list[str]:
+    """The ranking metric, each scorer's gen-ppl ratio (target: within 15%) and MAUVE, and the compute
+    ratios of arm b against e2e arm a."""
+    nan = float("nan")
+    lines = []
+    if metric in a and metric in b:
+        lines.append(f"- `{metric}` {b['arm']} {b[metric]:.4g} vs {a['arm']} {a[metric]:.4g}, the same decoding: "
+                     f"{a['arm']} {a.get('decoding') or _decoding(a['_cfg'])}; {b['arm']} "
+                     f"{b.get('decoding') or _decoding(b['_cfg'])}.")
+    for t in tags:
+        k = f"gen_ppl@{t}"
+        if k in a and k in b:
+            ratio = b[k] / a[k]
+            lines.append(f"- {k} {b['arm']} / {a['arm']} = {b[k]:.4g} / {a[k]:.4g} = {ratio:.3f} "
+                         f"({'within' if abs(ratio - 1) <= 0.15 else 'NOT within'} 15%); real continuations: "
+                         f"{a.get(f'gen_ppl@data,{t}', nan):.4g}"
+                         + (f"; mauve@{t} {b.get(f'mauve@{t}', nan):.3g} vs {a.get(f'mauve@{t}', nan):.3g}"
+                            if f"mauve@{t}" in a else "") + ".")
+    if "distinct4@gen" in a and "distinct4@gen" in b:
+        lines.append(f"- distinct-4 {b['arm']} {b['distinct4@gen']:.3g} vs {a['arm']} {a['distinct4@gen']:.3g} "
+                     f"(real continuations {a.get('distinct4@data', nan):.3g}).")
     lines.append(f"- training layer evaluations {a['arm']} / {b['arm']} = {a['train_layer_evals']:,} / "
                  f"{b['train_layer_evals']:,} = {a['train_layer_evals'] / b['train_layer_evals']:.2f}× "
                  f"(token-layer evaluations: {a['train_token_layer_evals'] / b['train_token_layer_evals']:.2f}×"
@@ -656,11 +851,11 @@ def _decoding(cfg) -> str:
     return make_task(cfg).decoding_note()
 
 
-def _plot_quality(curves: dict, path: Path, suite: str) -> Path:
+def _plot_quality(curves: dict, path: Path, suite: str, candidates: list[str]) -> Path:
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
-    keys = [k for k in ("gen_ppl", "test_ppl", "denoise_ppl") if any(k in df for df in curves.values())]
+    keys = [k for k in candidates if any(k in df for df in curves.values())]
     if not keys:   # no test points on the curve (trained while the test split was sealed)
         return path
     fig, axes = plt.subplots(1, len(keys), figsize=(5 * len(keys), 4), squeeze=False)
@@ -669,8 +864,8 @@ def _plot_quality(curves: dict, path: Path, suite: str) -> Path:
             if key in df and "train_layer_evals" in df:
                 ax.plot(df["train_layer_evals"], df[key], marker="o", label=arm)
         ax.set_xlabel("training layer evaluations (counted, all unrolled iterations)")
-        ax.set_ylabel(key)
-        ax.set_yscale("log")
+        ax.set_ylabel(key + (" (higher is better)" if key.startswith("mauve") else ""))
+        ax.set_yscale("linear" if key.startswith("mauve") else "log")
         ax.grid(alpha=0.3)
         ax.legend(fontsize=8)
     fig.suptitle(f"{suite}: quality vs training compute", fontsize=10)

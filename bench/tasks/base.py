@@ -55,9 +55,11 @@ class Task:
 
     def test_data(self):
         """The test split, loaded once, through the seal (the one place a task opens test)."""
-        if getattr(self, "_test_data", None) is None:
-            self._test_data = open_test(f"{self.cfg.suite}/{self.cfg.arm}", self.load_test)
-        return self._test_data
+        # the seal is checked on every call, not only at the first load
+        cached = getattr(self, "_test_data", None)
+        data = open_test(f"{self.cfg.suite}/{self.cfg.arm}", lambda: self.load_test() if cached is None else cached)
+        self._test_data = data
+        return data
 
     def split_data(self, split: str):
         if split not in SPLITS:
