@@ -25,7 +25,7 @@ import numpy as np
 import pandas as pd
 
 from bench import atomic
-from bench.config import load_config, read_params
+from bench.config import ConfigError, load_config, read_params
 from bench.protocol import Protocol, load_protocol
 from bench.report import _command, _markdown_table
 from bench.splits import metric_on
@@ -67,16 +67,24 @@ def arm_compute(cfg) -> dict:
             "params": param_counts(model)["total"]}
 
 
-def collect_seeds(params_path, proto: Protocol) -> pd.DataFrame:
+def collect_seeds(params_path, proto: Protocol, log=print) -> pd.DataFrame:
+    """Every finished (arm, seed).  A seed not yet run is left out with a printed line, and the
+    verdict rows count only the seeds both arms of a pair finished (their `seeds` column says how
+    many; `missing_seeds` names the others)."""
     rows = []
     for arm in proto.arms:
         for seed in proto.seeds:
-            cfg = load_config(params_path, arm, seed=seed)
+            try:
+                cfg = load_config(params_path, arm, seed=seed)
+            except ConfigError as e:   # a tuned arm before `bench tune` has run
+                log(f"{proto.suite}/{arm}: {e}; left out")
+                break
             out = Path(cfg.out_dir)
             missing = [f for f in ("eval.json", "summary.csv") if not (out / f).exists()]
             if missing:
-                raise FileNotFoundError(f"{out / missing[0]} not found: run `bench train {params_path} --arm {arm} "
-                                        f"--seed {seed}` and `bench evaluate …` first (or scripts/run_seeds.sh)")
+                log(f"{proto.suite}/{arm} seed {seed}: no {out / missing[0]} (run `bench train {params_path} --arm {arm} "
+                    f"--seed {seed}` and `bench evaluate …`, or scripts/run_seeds.sh); left out")
+                continue
             ev = json.loads((out / "eval.json").read_text())
             s = pd.read_csv(out / "summary.csv").iloc[0]
             metric = ev["metric"]
@@ -92,8 +100,14 @@ def collect_seeds(params_path, proto: Protocol) -> pd.DataFrame:
 def pair_rows(seeds: pd.DataFrame, proto: Protocol, higher_is_better: bool) -> list[dict]:
     rows = []
     for name, (e2e, db) in proto.pairs.items():
-        a = seeds[seeds["arm"] == e2e].set_index("seed").loc[proto.seeds]
-        b = seeds[seeds["arm"] == db].set_index("seed").loc[proto.seeds]
+        done = [s for s in proto.seeds if s in set(seeds.loc[seeds["arm"] == e2e, "seed"])
+                and s in set(seeds.loc[seeds["arm"] == db, "seed"])]
+        if not done:
+            rows.append({"claim": "a", "statement": CLAIMS["a"], "pair": name, "e2e_arm": e2e, "db_arm": db,
+                         "verdict": "not tested", "note": "no seed finished for both arms"})
+            continue
+        a = seeds[seeds["arm"] == e2e].set_index("seed").loc[done]
+        b = seeds[seeds["arm"] == db].set_index("seed").loc[done]
         flop_ratio = float(b["train_flops"].mean() / a["train_flops"].mean())
         param_ratio = float(b["params"].mean() / a["params"].mean())
         matched = abs(flop_ratio - 1) <= MATCHED
@@ -103,7 +117,10 @@ def pair_rows(seeds: pd.DataFrame, proto: Protocol, higher_is_better: bool) -> l
                      f"DB vs E2E (compute NOT matched: FLOP ratio DB/E2E {flop_ratio:.2f})",
                      "pair": name, "e2e_arm": e2e, "db_arm": db, "metric": a["metric"].iloc[0], **r,
                      "val_mean_diff": val["mean_diff"], "flop_ratio_db_e2e": flop_ratio,
-                     "param_ratio_db_e2e": param_ratio, "compute": "matched" if matched else "not matched"})
+                     "param_ratio_db_e2e": param_ratio, "compute": "matched" if matched else "not matched",
+                     "missing_seeds": " ".join(str(s) for s in proto.seeds if s not in done),
+                     "note": "" if len(done) == len(proto.seeds) else
+                     f"{len(done)} of the protocol's {len(proto.seeds)} seeds finished"})
     return rows
 
 
@@ -130,13 +147,15 @@ def memory_rows(suite: str, B: int, margin: float = 0.1) -> list[dict]:
         rows.append({"claim": "d", "statement": f"{CLAIMS['d']} (against {base})", "pair": f"{base} vs dblocks offload",
                      "metric": "peak_mem_ratio / B", "seeds": 1, "mean_diff": d, "ci_low": d, "ci_high": d,
                      "margin": margin, "verdict": "matches" if abs(d) < margin else "better" if d > 0 else "worse",
-                     "note": f"measured peak {ratio:.2f}× lower than {base} at B = {B} (deterministic bytes, one measurement)"})
+                     "note": f"{base} peak / DB peak = {ratio:.2f} at B = {B} (measured bytes, deterministic: one measurement)"})
     return rows
 
 
-def untested_rows(present: set[str]) -> list[dict]:
+def untested_rows(present: set[str], task: str) -> list[dict]:
+    applies = {"e": task in ("generation", "autoregressive", "recurrent"), "f": task == "recurrent"}
     return [{"claim": c, "statement": s, "verdict": "not tested",
-             "note": "not run under the protocol in this suite"} for c, s in CLAIMS.items() if c not in present]
+             "note": "not run under the protocol in this suite" if applies.get(c, True) else
+             f"does not apply to a {task} suite"} for c, s in CLAIMS.items() if c not in present]
 
 
 def _curve(params_path, proto: Protocol, metric: str, out: Path, title: str) -> Path:
@@ -146,7 +165,13 @@ def _curve(params_path, proto: Protocol, metric: str, out: Path, title: str) -> 
     rows = []
     for arm in proto.arms:
         for seed in proto.seeds:
-            h = pd.read_csv(Path(load_config(params_path, arm, seed=seed).out_dir) / "history.csv")
+            try:
+                path = Path(load_config(params_path, arm, seed=seed).out_dir) / "history.csv"
+            except ConfigError:
+                break
+            if not (path.parent / "eval.json").exists():
+                continue
+            h = pd.read_csv(path)
             rows += [{"arm": arm, "seed": seed, "epochs_equiv": round(e, 4), "value": v}
                      for e, v in zip(h["epochs_equiv"], h[metric])]
     df = pd.DataFrame(rows)
@@ -156,7 +181,8 @@ def _curve(params_path, proto: Protocol, metric: str, out: Path, title: str) -> 
     fig, ax = plt.subplots(figsize=(7, 4.5))
     for i, arm in enumerate(proto.arms):
         c = curve[curve["arm"] == arm]
-        ax.plot(c["epochs_equiv"], scale * c["mean"], marker="o", color=f"C{i}", label=f"{arm} (mean of {len(proto.seeds)} seeds)")
+        n = int(c["count"].max()) if len(c) else 0
+        ax.plot(c["epochs_equiv"], scale * c["mean"], marker="o", color=f"C{i}", label=f"{arm} (mean of {n} seeds)")
         ax.fill_between(c["epochs_equiv"], scale * c["min"], scale * c["max"], color=f"C{i}", alpha=0.15)
     ax.set_xlabel("training compute (epoch-equivalents of full-depth layer evaluations)")
     better = "higher" if metric.endswith("acc") else "lower"
@@ -180,7 +206,7 @@ def write_verdict(params_path) -> Path:
     atomic.write_csv(out / "seeds.csv", seeds)
     B = int((raw.get("diffusion") or {}).get("num_blocks", 3))
     rows = pair_rows(seeds, proto, task_cls.higher_is_better) + memory_rows(proto.suite, B)
-    rows += untested_rows({r["claim"] for r in rows})
+    rows += untested_rows({r["claim"] for r in rows}, first.task)
     verdicts = pd.DataFrame(rows)
     verdicts.insert(0, "suite", proto.suite)
     atomic.write_csv(out / "verdict.csv", verdicts)
@@ -200,9 +226,11 @@ def write_verdict(params_path) -> Path:
     for c in ("mean_diff", "ci_low", "ci_high", "margin"):
         a_rows = show["claim"] == "a"
         show.loc[a_rows, c] = scale * show.loc[a_rows, c].astype(float)
-    pairs = verdicts[verdicts["claim"] == "a"][["pair", "e2e_arm", "db_arm", "flop_ratio_db_e2e", "param_ratio_db_e2e",
-                                                "compute", "val_mean_diff"]].copy()
-    pairs["val_mean_diff"] = scale * pairs["val_mean_diff"]
+    pair_cols = [c for c in ("pair", "e2e_arm", "db_arm", "seeds", "missing_seeds", "flop_ratio_db_e2e",
+                             "param_ratio_db_e2e", "compute", "val_mean_diff") if c in verdicts]
+    pairs = verdicts[verdicts["claim"] == "a"][pair_cols].copy()
+    if "val_mean_diff" in pairs:
+        pairs["val_mean_diff"] = scale * pairs["val_mean_diff"]
     per_seed = seeds.pivot(index="seed", columns="arm", values="test") * scale
     md = [f"# {proto.suite}: end-to-end vs DiffusionBlocks under the verdict protocol\n",
           f"Produced by `{_command()}` on {dt.date.today().isoformat()}, from runs of code "
@@ -222,7 +250,7 @@ def write_verdict(params_path) -> Path:
           "otherwise inconclusive.\n",
           _markdown_table(show.fillna("")),
           "\n## Compute and size of each pair\n",
-          _markdown_table(pairs),
+          _markdown_table(pairs.fillna("")),
           f"\n`val_mean_diff`: the same paired difference on validation{unit}.\n",
           f"## Per seed (test {task_cls.metric}{unit})\n", _markdown_table(per_seed.reset_index()),
           f"\n![learning curve]({png.name})\n"]

@@ -1,4 +1,5 @@
-"""Autoregressive LM: the Block-Diffusion mask, RoPE, gradient locality, metric definitions, compute, bad input."""
+"""Autoregressive LM: the Block-Diffusion mask, RoPE, gradient locality, metric definitions, the shared
+decoding, the scorers (RNN reference, n-gram, e2e reference), compute, bad input."""
 
 import math
 import os
@@ -13,7 +14,7 @@ from bench.data.text import TextSpec, prepare_text
 from bench.metrics import text as M
 from bench.models.llama import Llama, LlamaConfig, apply_rope, block_diffusion_mask, rope_tables
 from bench.tasks import make_task
-from bench.tasks.autoregressive import top_p_sample
+from bench.tasks.autoregressive import AutoregressiveTask, generation_generators, top_p_sample
 
 ROOT = Path(__file__).resolve().parents[1]
 V = 11
@@ -154,7 +155,8 @@ model: {{arch: llama, seq_len: 48, hidden: 32, depth: 4, heads: 2, cond_dim: 16}
 diffusion: {{num_blocks: 4, gamma: 0.1}}
 train: {{batch_size: 16, epochs: 1, lr: 3.0e-3, warmup_epochs: 0.1, curve_points: 2, ckpt_every: 100, threads: 1}}
 eval: {{batch_size: 32, curve_ppl_sequences: 8, ppl_sequences: 16, prompt_len: 16, gen_len: 12, prompts: 20,
-        continuations: 1, curve_prompts: 4, reference: "{reference}", samples_dir: {tmp}/results}}
+        continuations: 1, curve_prompts: 20, reference: "{reference}", rnn_reference: "{rnn}", ngram_order: {ngram},
+        ngram_train_tokens: 100000, samples_dir: {tmp}/results}}
 arms:
   e2e: {{mode: e2e}}
   dblocks: {{mode: dblocks}}
@@ -170,10 +172,18 @@ def shakespeare_root(tmp_path_factory) -> Path:
     return root
 
 
-def _params(tmp_path, root, reference="", name=""):
+def _params(tmp_path, root, reference="", name="", rnn="", ngram=0):
     p = tmp_path / f"params{name}.yaml"
-    p.write_text(PARAMS.format(tmp=tmp_path, root=root, reference=reference, name=name))
+    p.write_text(PARAMS.format(tmp=tmp_path, root=root, reference=reference, name=name, rnn=rnn, ngram=ngram))
     return p
+
+
+def _train_rnn_reference(params: Path, out: Path, steps: int = 20) -> Path:
+    """A tiny RNN reference through its command line (the suites' `rnn_reference` stage)."""
+    from bench.models.rnn_lm import main
+    main([str(params), "--out", str(out), "--steps", str(steps), "--hidden", "32", "--batch-size", "8",
+          "--seq-len", "32", "--warmup-steps", "2", "--val-windows", "8", "--log-every", "0"])
+    return out
 
 
 def test_untrained_denoiser_has_uniform_denoising_perplexity_and_gradients_stay_in_the_block(tmp_path, shakespeare_root):
@@ -231,40 +241,61 @@ def test_weighted_loss_is_lambda_times_token_cross_entropy(tmp_path, shakespeare
 
 
 def test_training_evaluation_compute_and_report(tmp_path, shakespeare_root, monkeypatch):
-    """A reference, both arms, their final evaluation (samples, gen-ppl, MAUVE) and lm-report, on real text."""
+    """Three scorers (RNN reference, n-gram, e2e reference), both arms, their final evaluation (samples,
+    gen-ppl and MAUVE per scorer, decoding and step variants) and lm-report, on real text."""
+    import pandas as pd
+
     from bench.evaluate import evaluate_arm
     from bench.tasks.autoregressive import report
     from bench.train import train
     quiet = dict(progress=False, log=lambda *_: None)
     ref = train(load_config(_params(tmp_path, shakespeare_root, name="_ref"), "e2e"), **quiet)
     ref_pt = tmp_path / "runs" / "tiny_ar_ref" / "e2e" / "final.pt"
-    assert ref["metric"] == "test_ppl" and ref_pt.exists()
-    params = _params(tmp_path, shakespeare_root, reference=ref_pt)
+    assert ref["metric"] == "test_ppl" and ref_pt.exists()               # no scorer: its own perplexity
+    rnn_pt = _train_rnn_reference(_params(tmp_path, shakespeare_root, name="_rnn"), tmp_path / "rnn" / "final.pt")
+    params = _params(tmp_path, shakespeare_root, reference=ref_pt, rnn=rnn_pt, ngram=3)
     evs = {}
     for arm in ("e2e", "dblocks"):
         cfg = load_config(params, arm)
         s = train(cfg, **quiet)
         evs[arm] = ev = evaluate_arm(cfg, log=lambda *_: None)
+        # the ranking metric: MAUVE under the RNN reference, on every curve point too (sweeps prune on it)
+        assert ev["metric"] == s["metric"] == "mauve@rnn" and ev["selection_metric"] == "val_mauve@rnn"
+        assert {"mauve@rnn", "val_mauve@rnn", "gen_ppl@ngram", "gen_ppl@ref"} <= set(pd.read_csv(
+            tmp_path / "runs" / "tiny_ar" / arm / "history.csv").columns)
         # compute accounting: the task's replay of the trainer's count is exact
         assert ev["train_layer_evals@total"] == s["layer_evals"] == 24 * 4
-        assert ev["gen_samples"] == 20 and ev["mauve_n_real"] == 20 and 0 <= ev["mauve@ref"] <= 1
-        assert ev["gen_ppl"] > 1 and ev["gen_ppl@data"] > 1
+        assert ev["gen_samples"] == 20 and ev["mauve_n_real"] == 20
+        for tag in ("rnn", "ngram", "ref"):                              # every figure names its scorer
+            assert ev[f"gen_ppl@{tag}"] > 1 and ev[f"gen_ppl@data,{tag}"] > 1 and ev[f"val_gen_ppl@{tag}"] > 1
+        assert 0 <= ev["mauve@rnn"] <= 1 and 0 <= ev["mauve@ref"] <= 1 and "mauve@ngram" not in ev
+        assert "Kneser–Ney 3-gram" in ev["scorer_ngram"] and "GRU" in ev["scorer_rnn"]
         # validation: its own prompts, so its own real-text score, under val_ names
-        assert ev["val_gen_samples"] == 20 and 0 <= ev["val_mauve@ref"] <= 1
-        assert ev["val_gen_ppl"] > 1 and ev["val_gen_ppl@data"] > 1 and ev["val_gen_ppl@data"] != ev["gen_ppl@data"]
-        assert (tmp_path / "results" / "tiny_ar" / f"samples_{arm}.md").read_text().count("## Sample") == 6
+        assert ev["val_gen_samples"] == 20 and 0 <= ev["val_mauve@rnn"] <= 1
+        assert ev["val_gen_ppl@data,ngram"] != ev["gen_ppl@data,ngram"]
+        # the other decodings beside the ranking figures; `paper` is each arm's own
+        assert {"mauve@rnn,greedy", "gen_ppl@ngram,greedy", "distinct4@gen,greedy", "mauve@ref,paper",
+                "val_mauve@rnn,greedy"} <= set(ev)
+        own = "" if arm == "e2e" else ",greedy"                          # e2e: top-p; dblocks: greedy
+        assert all(ev[f"{k},paper"] == ev[f"{k}{own}"] for k in ("mauve@rnn", "gen_ppl@rnn", "gen_ppl@ngram"))
+        md = (tmp_path / "results" / "tiny_ar" / f"samples_{arm}.md").read_text()
+        assert md.count("## Sample") == 6 and "top-p 0.95 decoding" in md and "`ngram` interpolated Kneser–Ney" in md
         assert "from the val split" in Path(ev["val_samples_file"]).read_text()
-        assert ev["selection_metric"] == "val_gen_ppl" and ev["metric"] == "gen_ppl"
+    assert evs["e2e"]["mauve@rnn,greedy"] != evs["e2e"]["mauve@rnn"] or \
+        evs["e2e"]["gen_ppl@rnn,greedy"] != evs["e2e"]["gen_ppl@rnn"]   # greedy is another decoding
     assert evs["dblocks"]["train_token_layer_evals@total"] == 2 * evs["e2e"]["train_token_layer_evals@total"]
     assert evs["e2e"]["infer_layer_evals@per_token"] == evs["dblocks"]["infer_layer_evals@per_token"] == 4
     assert "test_ppl@exact" in evs["e2e"] and "denoise_ppl@4draws" in evs["dblocks"]
     assert "val_ppl@exact" in evs["e2e"] and "val_denoise_ppl@4draws" in evs["dblocks"]
-    assert {"gen_ppl@8steps", "distinct4@16steps", "mauve@16steps"} <= set(evs["dblocks"])   # 2B and 4B calls
-    assert {"val_gen_ppl@8steps", "val_distinct4@16steps"} <= set(evs["dblocks"])
+    assert {"gen_ppl@rnn,8steps", "gen_ppl@ngram,8steps", "distinct4@gen,16steps", "mauve@rnn,16steps"} \
+        <= set(evs["dblocks"])                                            # 2B and 4B calls
+    assert {"val_gen_ppl@ngram,8steps", "val_distinct4@gen,16steps"} <= set(evs["dblocks"])
     assert not any(k.endswith("steps") for k in evs["e2e"])
     monkeypatch.chdir(tmp_path)
     md = report(params, log=lambda *_: None).read_text()
-    assert "not a likelihood bound" in md and "gen_ppl dblocks / e2e" in md and "quality_vs_compute.png" in md
+    assert "not a likelihood bound" in md and "gen_ppl@ngram dblocks / e2e" in md and "quality_vs_compute.png" in md
+    assert "**Ranking.** `mauve@rnn` (higher is better)" in md and "## Variants" in md and "| 16steps |" in md
+    assert "never ranked" in md and "- `rnn`:" in md
 
 
 def test_bad_input_is_one_line_before_compute(tmp_path, shakespeare_root):
@@ -293,6 +324,109 @@ def test_bad_input_is_one_line_before_compute(tmp_path, shakespeare_root):
     torch.save({"config": load_config(params, "dblocks").to_dict(), "model": {}}, not_lm)
     with pytest.raises(ConfigError, match="is not a causal LM: it is a autoregressive/dblocks run"):
         make_task(load_config(params, "e2e", [f"eval.reference={not_lm}"])).check()
+    # the shared decoding and the scorers
+    with pytest.raises(ConfigError, match="eval.decoding must be one of top_p, greedy .the same for both arms"):
+        load_config(params, "e2e", ["eval.decoding=beam"])
+    with pytest.raises(ConfigError, match="eval.decoding_variants must be among top_p, greedy, paper"):
+        load_config(params, "e2e", ["eval.decoding_variants=[nucleus]"])
+    with pytest.raises(ConfigError, match="the learning curve ranks by MAUVE: eval.curve_prompts 4 is too few"):
+        load_config(params, "e2e", ["eval.rnn_reference=x.pt", "eval.curve_prompts=4"])
+    with pytest.raises(ConfigError, match="eval.ngram_order and eval.ngram_train_tokens must be >= 0"):
+        load_config(params, "e2e", ["eval.ngram_order=-1"])
+    with pytest.raises(ConfigError, match=f"eval.rnn_reference {missing} not found: train it first"):
+        make_task(load_config(params, "e2e", [f"eval.rnn_reference={missing}"])).check()
+    with pytest.raises(ConfigError, match="is not an RNN reference"):
+        make_task(load_config(params, "e2e", [f"eval.rnn_reference={not_lm}"])).check()
+    from bench.models.rnn_lm import RNNLM, RNNLMConfig, RNNTrainConfig, reference_checkpoint
+    other = load_config(params, "e2e").to_dict()["data"] | {"chunk_chars": 999}
+    elsewhere = tmp_path / "rnn_other.pt"
+    torch.save(reference_checkpoint(RNNLM(RNNLMConfig(vocab_size=84, hidden=8, depth=1)), RNNTrainConfig(), other, {}),
+               elsewhere)
+    with pytest.raises(ConfigError, match=r"eval.rnn_reference .* was trained on other data \(chunk_chars differ\)"):
+        make_task(load_config(params, "e2e", [f"eval.rnn_reference={elsewhere}"])).check()
+    with pytest.raises(ConfigError, match="eval.ngram_order: n-gram order 10 over 84 tokens overflows"):
+        make_task(load_config(params, "e2e", ["eval.ngram_order=10"])).check()
+
+
+def test_the_ranking_metric_is_mauve_under_another_family(tmp_path, shakespeare_root):
+    params = _params(tmp_path, shakespeare_root)
+
+    def task(arm, *overrides):
+        return make_task(load_config(params, arm, list(overrides)))
+    all_three = ["eval.rnn_reference=r.pt", "eval.reference=l.pt", "eval.ngram_order=5"]
+    for arm in ("e2e", "dblocks"):                                  # the same number ranks both arms
+        t = task(arm, *all_three)
+        assert (t.metric, t.higher_is_better, t.selection_metric) == ("mauve@rnn", True, "val_mauve@rnn")
+    # the class attributes are what sweeps and tuning read: the suites' configuration
+    assert (AutoregressiveTask.metric, AutoregressiveTask.higher_is_better) == ("mauve@rnn", True)
+    assert task("dblocks", "eval.reference=l.pt").metric == "mauve@ref"
+    t = task("dblocks", "eval.ngram_order=5", "eval.rnn_reference=r.pt", "eval.mauve=false")
+    assert (t.metric, t.higher_is_better) == ("gen_ppl@rnn", False)
+    assert task("e2e", "eval.ngram_order=5").metric == "gen_ppl@ngram"
+    assert (task("e2e").metric, task("dblocks").metric) == ("test_ppl", "denoise_ppl")   # no scorer at all
+
+
+def test_both_arms_decode_alike_for_the_ranking_metric(tmp_path, shakespeare_root):
+    """Identical logits and seed → identical tokens for e2e and DiffusionBlocks, even when the
+    denoiser consumes noise between the tokens; the paper's arm-specific decoding differs."""
+    params = _params(tmp_path, shakespeare_root)
+    e2e, db = make_task(load_config(params, "e2e")), make_task(load_config(params, "dblocks"))
+    logits = torch.randn(64, 84, generator=torch.Generator().manual_seed(0))
+
+    def tokens(task, decoding=None):
+        return task.decode(logits, torch.Generator().manual_seed(3), decoding)
+    assert torch.equal(tokens(e2e), tokens(db))                                  # top-p 0.95, both
+    assert not torch.equal(tokens(e2e), logits.argmax(-1))                        # sampled, not argmax
+    assert torch.equal(tokens(e2e, "greedy"), tokens(db, "greedy")) and torch.equal(tokens(db, "greedy"),
+                                                                                      logits.argmax(-1))
+    greedy = make_task(load_config(params, "dblocks", ["eval.decoding=greedy"]))
+    assert torch.equal(tokens(greedy), logits.argmax(-1))
+    assert torch.equal(tokens(db, "paper"), logits.argmax(-1)) and torch.equal(tokens(e2e, "paper"), tokens(e2e))
+
+    # through `generate`: the logits depend on the sequence only; the dblocks "model" draws noise first
+    table = torch.randn(84, 84, generator=torch.Generator().manual_seed(1))
+
+    def fake(consumes_noise):
+        def next_token_logits(model, seq, generator):
+            if consumes_noise:
+                torch.randn(5, generator=generator)
+            return table[seq[:, -1]]
+        return next_token_logits
+    e2e.next_token_logits, db.next_token_logits = fake(False), fake(True)
+    prompts = torch.randint(84, (16, 4), generator=torch.Generator().manual_seed(2))
+    def sample(task):   # as generation_metrics does: model noise and decoding draws on separate streams
+        noise, sampler = generation_generators(1234)
+        return task.generate(None, prompts, 12, noise, None, sampler)
+    assert torch.equal(sample(e2e), sample(db))
+    # one stream for both noise and decoding would not: the noise draws shift the decoding draws
+    one_stream = [t.generate(None, prompts, 12, torch.Generator().manual_seed(1234)) for t in (e2e, db)]
+    assert not torch.equal(*one_stream)
+
+
+def test_rnn_reference_trains_on_real_shakespeare(tmp_path):
+    """A few hundred steps of the GRU reference on data/text/shakespeare_char: the loss falls far below
+    uniform (ln 84 = 4.43), it scores held-out text well, and it serves as the `rnn` scorer."""
+    from bench.data.text import PreparedText
+    from bench.models.rnn_lm import RNNLMConfig, RNNTrainConfig, heldout_perplexity, reference_checkpoint, train_rnn_lm
+    root = ROOT / "data" / "text" / "shakespeare_char"
+    if not (root / "meta.json").is_file():
+        pytest.skip(f"{root} is not prepared (bench data shakespeare)")
+    data = PreparedText(root)
+    tc = RNNTrainConfig(steps=300, batch_size=16, seq_len=64, lr=3e-3, warmup_steps=20, log_every=0)
+    model, losses = train_rnn_lm(data.tokens("train"), RNNLMConfig(vocab_size=84, hidden=64, depth=1), tc,
+                                 torch.device("cpu"))
+    first, last = np.mean(losses[:10]), np.mean(losses[-50:])
+    assert first > 4.0 and last < first - 1.5 and last < 2.8
+    val_ppl = heldout_perplexity(model, data.tokens("val"), 64, 50, torch.device("cpu"))
+    assert val_ppl < 16                                                   # uniform: 84
+    pt = tmp_path / "final.pt"
+    torch.save(reference_checkpoint(model, tc, {"root": "data"}, {"val_ppl": val_ppl}), pt)
+    ref = M.RNNReferenceLM(pt, torch.device("cpu"))
+    val = data.tokens("val")
+    prompts, conts = [val[:32].tolist(), val[100:132].tolist()], [val[32:96].tolist(), val[132:150].tolist()]
+    nll, n = ref.score(prompts, conts)
+    assert n.tolist() == [64, 18] and np.exp(nll.sum() / n.sum()) < 30
+    assert ref.features(prompts, conts).shape == (2, 64) and "1-layer GRU LM" in ref.name
 
 
 def test_hf_reference_is_checked_and_scores_text(tmp_path):

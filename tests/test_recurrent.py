@@ -116,10 +116,18 @@ def params(tmp_path_factory) -> Path:
 
 
 def test_compute_accounting_counts_every_unrolled_iteration(params):
+    """Compute counts, and the sample figures under the scorers (RNN reference, n-gram) with the
+    shared decoding, at the arm's K and as K variants."""
     from bench.evaluate import evaluate_arm
+    from bench.models.rnn_lm import main as train_rnn_reference
     from bench.train import train
     quiet = dict(progress=False, log=lambda *_: None)
-    e2e, db = load_config(params, "e2e"), load_config(params, "dblocks")
+    rnn = params.parent / "rnn" / "final.pt"
+    train_rnn_reference([str(params), "--out", str(rnn), "--steps", "10", "--hidden", "16", "--batch-size", "8",
+                         "--seq-len", "16", "--warmup-steps", "2", "--val-windows", "4", "--log-every", "0"])
+    scored = [f"eval.rnn_reference={rnn}", "eval.ngram_order=3", "eval.ngram_train_tokens=50000", "eval.mauve=true",
+              "eval.prompts=20", "eval.continuations=1", "eval.curve_prompts=20"]
+    e2e, db = load_config(params, "e2e", scored), load_config(params, "dblocks", scored)
     s_e2e, s_db = train(e2e, **quiet), train(db, **quiet)
     ev_e2e, ev_db = evaluate_arm(e2e, log=lambda *_: None), evaluate_arm(db, log=lambda *_: None)
     steps = s_e2e["optimizer_steps"]
@@ -133,7 +141,16 @@ def test_compute_accounting_counts_every_unrolled_iteration(params):
     # e2e infers at its training mean r̄ = 6 (eval.recurrence 4 is the denoiser's K), and at K = 4 as a variant
     assert ev_e2e["inference_recurrence"] == 6 and ev_e2e["infer_layer_evals@per_token"] == 2 + 4 * 6 + 2
     assert ev_db["infer_layer_evals@per_token"] == 2 + (4 + 2) * 4 and ev_db["inference_steps"] == 4
-    assert ev_db["inference_recurrence"] == 4 and not any("@K" in k for k in ev_db)   # its own K: no variant
+    assert ev_db["inference_recurrence"] == 4 and not any("@K" in k or ",K" in k for k in ev_db)   # its own K
+    # the ranking figure: MAUVE under the RNN reference, both arms decoded alike; K variants name their scorer
+    assert ev_e2e["metric"] == ev_db["metric"] == s_e2e["metric"] == "mauve@rnn"
+    assert ev_e2e["decoding"] == "K = 6 core iterations, top-p 0.95 decoding"
+    assert ev_db["decoding"].endswith("(K = 4 iterations), top-p 0.95 decoding of the final logits")
+    for ev in (ev_e2e, ev_db):
+        assert 0 <= ev["mauve@rnn"] <= 1 and ev["gen_ppl@ngram"] > 1 and ev["gen_ppl@data,rnn"] > 1
+        assert {"mauve@rnn,greedy", "val_gen_ppl@ngram,paper", "distinct4@gen,greedy"} <= set(ev)
+    assert ev_db["mauve@rnn,paper"] == ev_db["mauve@rnn,greedy"] and ev_e2e["mauve@rnn,paper"] == ev_e2e["mauve@rnn"]
+    assert {"gen_ppl@ngram,K4", "mauve@rnn,K4", "distinct4@gen,K4", "val_gen_ppl@rnn,K4"} <= set(ev_e2e)
     for split in ("val", "test"):
         ppl = metric_on("test_ppl", split)
         assert 1 < ev_e2e[ppl] < 84 * 3 and 1 < ev_db[metric_on("denoise_ppl", split)]

@@ -119,6 +119,33 @@ def mauve_score(p_features: np.ndarray, q_features: np.ndarray, scaling: float =
             "mauve_n_gen": len(q_features)}
 
 
+# The table heading every language-model comparison.md (and each arm's MLflow run): what each key is.
+METRIC_DEFINITIONS = """\
+| metric | arm | definition |
+|---|---|---|
+| `test_ppl`, `test_bpc` | e2e | exact test perplexity exp(mean −ln p(w_p given w_<p)) of the end-to-end LM over every test token after the first of each window (windows of data.seq_len + 1 tokens overlapping by one), and the same in bits per character |
+| `denoise_ppl`, `denoise_bpc` | dblocks | **denoising perplexity, not a likelihood bound**: each test token is predicted teacher-forced (true preceding tokens as clean context) by the chained DiffusionBlocks inference (z = σ_max·ε, Euler steps, one call per block), and q(token) = the average over `eval.noise_draws` fixed noise draws of softmax(final logits); exp of its mean −ln q.  It is the perplexity of that noise-averaged distribution, not of the distribution the sampler draws from |
+| *scorers* | | every sample figure names the fixed LM that scores it: **`ngram`** an interpolated Kneser–Ney n-gram LM (order `eval.ngram_order`) of the train split's tokens, sharing nothing with either arm; **`rnn`** a GRU/LSTM LM trained on the train split (`eval.rnn_reference`, the suite's `rnn_reference` stage), another family and recipe than both arms; **`ref`** `eval.reference`, by default the e2e arm's own family and recipe trained longer (so e2e samples are in distribution for it: shown for continuity, never ranked) |
+| *decoding* | both | the figures without a decoding variant decode **both arms the same way**, `eval.decoding` (top-p at `eval.top_p`, or greedy), with the decoding draws on one seeded stream shared by the arms |
+| `mauve@rnn` (the ranking metric), `mauve@ref` | both | MAUVE (mauve-text) between the scorer's features of the real (P) and sampled (Q) prompt+continuation texts, higher is better (1: indistinguishable); feature = the scorer's final hidden state averaged over the continuation (`eval.mauve_features`); k-means buckets and counts in `mauve_buckets`, `mauve_n_real`, `mauve_n_gen`; scaling `eval.mauve_scaling`.  The n-gram scorer has no features, so no `mauve@ngram` |
+| `gen_ppl@ngram`, `gen_ppl@rnn`, `gen_ppl@ref` | both | generative perplexity: exp(mean −ln p_s(c_j given prompt, c_<j)) over the tokens of sampled continuations, under scorer s, in its tokens; lower is not always better (repetitive text scores low: read it with `distinct4@gen` and MAUVE) |
+| `gen_ppl@data,ngram`, `gen_ppl@data,rnn`, `gen_ppl@data,ref` | both | the same for the *real* continuations of the same prompts: what a perfect sampler would score under that scorer |
+| `distinct4@gen`, `distinct4@data` | both | unique 4-grams / all 4-grams of the sampled and of the real continuations (1: no repetition) |
+| `…,greedy`, `…,top_p`, `distinct4@gen,greedy` | both | the sample figures under another decoding (`eval.decoding_variants`), same prompts and continuation count |
+| `…,paper` | both | the paper's arm-specific decoding (e2e top-p, dblocks `eval.db_decoding`, greedy): unequal decoding, a labelled variant only |
+| `…,Nsteps` (e.g. `mauve@rnn,8steps`) | dblocks (AR) | the sample figures with N = 2B and 4B denoiser calls per token, one continuation per prompt, the shared decoding (the main figures use B calls, the paper's setting) |
+| `test_ppl@KN`, `denoise_ppl@KN`, `gen_ppl@rnn,KN`, … | recurrent | the same at N inference iterations (`eval.recurrence_variants`; one continuation per prompt); the main figures use the arm's own K (`inference_recurrence`: e2e its training mean r̄) |
+| `train_layer_evals` | both | transformer-layer forward passes per training batch, summed over training (recurrent e2e: every unrolled core iteration, with and without gradient) |
+| `train_token_layer_evals` | both | the same × tokens per pass × batch size (the DiffusionBlocks AR layers see 2T tokens: clean and noisy) |
+| `infer_layer_evals@per_token` | both | layer evaluations to generate one token (prefix recomputed, no KV cache) |
+
+Splits: the names above are the **test** split's (what the tables publish; its prompts and windows).
+Each also exists on the validation split, which every selection reads, as `metric_on` names it:
+`test_ppl` → `val_ppl`, `mauve@rnn` → `val_mauve@rnn`, `gen_ppl@data,ngram` → `val_gen_ppl@data,ngram`.
+The compute counts belong to no split.
+"""
+
+
 # ---- figures of sampled text under every scorer -------------------------------------------------------------------
 def generation_figures(scorers: dict, prompts: list, real: list, gen_prompts: list, conts: list, *,
                        with_data: bool, mauve_tags: tuple = (), mauve_buckets: int = 0, mauve_scaling: float = 2.0,

@@ -198,8 +198,9 @@ class RecurrentTask(AutoregressiveTask):
 
     def final_variants(self, model, device, held: HeldOutText) -> dict:
         """The final evaluation at every other K of eval.recurrence_variants (e.g. the e2e arm at K = 16
-        as well as at r̄): perplexity, and with a reference gen_ppl, distinct-4 and MAUVE of one
-        continuation per prompt.  Keys as on test (the caller renames them for the split)."""
+        as well as at r̄): perplexity, and with scorers the sample figures of one continuation per
+        prompt under the shared decoding (`gen_ppl@rnn,K16`, `mauve@rnn,K16`, `distinct4@gen,K16`, …).
+        Keys as on test (the caller renames them for the split)."""
         e, out = self.cfg.eval, {}
         kind = "denoise" if self.cfg.is_dblocks else "test"
         for k in e.recurrence_variants:
@@ -208,11 +209,9 @@ class RecurrentTask(AutoregressiveTask):
             with self.at_recurrence(k):
                 out[f"{kind}_ppl@K{k}"], out[f"{kind}_bpc@K{k}"], _ = self.perplexity(model, held, e.ppl_sequences,
                                                                                      device)
-                if e.reference:
+                if self.scorer_tags():
                     m = self.generation_metrics(model, device, True, held, continuations=1)["metrics"]
-                    out.update({f"gen_ppl@K{k}": m["gen_ppl"], f"distinct4@K{k}": m["distinct4@gen"]})
-                    if "mauve@ref" in m:
-                        out[f"mauve@K{k}"] = m["mauve@ref"]
+                    out.update(M.as_variant(m, f"K{k}"))
         return out
 
     def evaluate(self, model, device, final: bool = False, split: str = "val") -> dict:
@@ -221,10 +220,11 @@ class RecurrentTask(AutoregressiveTask):
             result["inference_recurrence"] = self.K
         return result
 
-    def decoding_note(self) -> str:
+    def decoding_note(self, decoding: str | None = None) -> str:
         if self.cfg.is_dblocks:
-            return super().decoding_note().replace(f"(B = {self.partition.num_blocks})", f"(K = {self.K} iterations)")
-        return f"K = {self.K} core iterations, top-p {self.cfg.eval.top_p} sampling"
+            return super().decoding_note(decoding).replace(f"(B = {self.partition.num_blocks})",
+                                                           f"(K = {self.K} iterations)")
+        return f"K = {self.K} core iterations, {super().decoding_note(decoding)}"
 
     def inference_layer_evals_per_token(self) -> int:
         m = self.mcfg
