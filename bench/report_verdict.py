@@ -158,7 +158,7 @@ def untested_rows(present: set[str], task: str) -> list[dict]:
              f"does not apply to a {task} suite"} for c, s in CLAIMS.items() if c not in present]
 
 
-def _curve(params_path, proto: Protocol, metric: str, out: Path, title: str) -> Path:
+def _curve(params_path, proto: Protocol, metric: str, higher_is_better: bool, out: Path, title: str) -> Path:
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
@@ -185,7 +185,7 @@ def _curve(params_path, proto: Protocol, metric: str, out: Path, title: str) -> 
         ax.plot(c["epochs_equiv"], scale * c["mean"], marker="o", color=f"C{i}", label=f"{arm} (mean of {n} seeds)")
         ax.fill_between(c["epochs_equiv"], scale * c["min"], scale * c["max"], color=f"C{i}", alpha=0.15)
     ax.set_xlabel("training compute (epoch-equivalents of full-depth layer evaluations)")
-    better = "higher" if metric.endswith("acc") else "lower"
+    better = "higher" if higher_is_better else "lower"
     ax.set_ylabel(f"{metric}{' (%)' if scale == 100 else ''} — {better} is better")
     ax.set_title(title + " (band: min–max over seeds)", fontsize=10)
     ax.grid(alpha=0.3)
@@ -210,7 +210,7 @@ def write_verdict(params_path) -> Path:
     verdicts = pd.DataFrame(rows)
     verdicts.insert(0, "suite", proto.suite)
     atomic.write_csv(out / "verdict.csv", verdicts)
-    png = _curve(params_path, proto, task_cls.metric, out, f"{proto.suite}: test {task_cls.metric} vs training compute")
+    png = _curve(params_path, proto, task_cls.metric, task_cls.higher_is_better, out, f"{proto.suite}: test {task_cls.metric} vs training compute")
 
     scale = 100 if task_cls.metric.endswith("acc") else 1
     unit = " (points)" if scale == 100 else ""

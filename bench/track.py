@@ -53,6 +53,11 @@ def provenance(device: torch.device) -> dict:
             "torch": str(torch.__version__), "python": platform.python_version(), "host": platform.node()}
 
 
+def metric_key(key: str) -> str:
+    """An MLflow-legal metric name: keys allow no '@' (it becomes `_at_`) nor ',' and the like."""
+    return re.sub(r"[^\w\-. /]", "_", key.replace("@", "_at_"))
+
+
 def enabled() -> bool:
     return os.environ.get("BENCH_MLFLOW", "1") != "0"
 
@@ -117,7 +122,7 @@ class Tracker:
 
     def log_metrics(self, metrics: dict, step: int | None = None) -> None:
         if self.run_id:
-            self._m.log_metrics({k: float(v) for k, v in metrics.items()}, step=step)
+            self._m.log_metrics({metric_key(k): float(v) for k, v in metrics.items()}, step=step)
 
     def log_metric_batch(self, items: list[tuple[str, float, int]]) -> None:
         """Many (key, value, step) points in few requests (per-step losses)."""
@@ -127,7 +132,7 @@ class Tracker:
         now = int(time.time() * 1000)
         client = self._m.MlflowClient()
         for i in range(0, len(items), 1000):
-            client.log_batch(self.run_id, metrics=[Metric(k, float(v), now, s) for k, v, s in items[i:i + 1000]])
+            client.log_batch(self.run_id, metrics=[Metric(metric_key(k), float(v), now, s) for k, v, s in items[i:i + 1000]])
 
     def log_artifact(self, path: str | Path) -> None:
         if self.run_id and Path(path).exists():
@@ -169,7 +174,7 @@ def log_final(suite: str, arm: str, metrics: dict | None = None, texts: dict | N
     client, run_id = mlflow.MlflowClient(), runs[0].info.run_id
     for key, value in (metrics or {}).items():
         if isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value):
-            client.log_metric(run_id, "final/" + re.sub(r"[^\w\-. /]", "_", key.replace("@", "_at_")), float(value))
+            client.log_metric(run_id, "final/" + metric_key(key), float(value))
     for name, text in (texts or {}).items():
         client.log_text(run_id, text, name)
     for f in files:

@@ -45,7 +45,7 @@ class RNNLMConfig:
 class RNNTrainConfig:
     steps: int = 2000
     batch_size: int = 32
-    seq_len: int = 96          # tokens per training window (prompt + continuation length; a recurrence has no context limit)
+    seq_len: int = 96          # tokens per training window (prompt + continuation; a recurrence has no context limit)
     lr: float = 3.0e-3
     min_lr: float = 1.0e-4
     warmup_steps: int = 100
@@ -64,7 +64,8 @@ class RNNLM(nn.Module):
         if cfg.cell not in CELLS:
             raise ValueError(f"RNN cell must be one of {', '.join(CELLS)}, got {cfg.cell!r}")
         if cfg.vocab_size < 1 or cfg.hidden < 1 or cfg.depth < 1:
-            raise ValueError(f"vocab_size, hidden and depth must be >= 1, got {cfg.vocab_size}, {cfg.hidden}, {cfg.depth}")
+            raise ValueError(f"vocab_size, hidden and depth must be >= 1, got {cfg.vocab_size}, {cfg.hidden}, "
+                             f"{cfg.depth}")
         self.cfg = cfg
         width = cfg.embed or cfg.hidden
         self.tok_embed = nn.Embedding(cfg.vocab_size, width)

@@ -76,10 +76,10 @@ DECODING_VARIANTS = (*DECODINGS, "paper")    # paper: e2e top-p, dblocks eval.db
 @dataclass
 class LMEvalConfig(EvalConfig):
     batch_size: int = 64
-    reference: str = ""            # scorer `ref`: final.pt of an e2e autoregressive run, or a local HF causal-LM directory
+    reference: str = ""            # scorer `ref`: final.pt of an e2e autoregressive run, or a local HF causal LM dir
     rnn_reference: str = ""        # scorer `rnn`: a GRU/LSTM reference of `python -m bench.models.rnn_lm`; "": none
     ngram_order: int = 0           # scorer `ngram`: interpolated Kneser–Ney of this order on the train split; 0: none
-    ngram_train_tokens: int = 0    # fit the n-gram LM on the first N train tokens (0: all; paper-scale corpora need a cap)
+    ngram_train_tokens: int = 0    # fit the n-gram LM on the first N train tokens (0: all; a cap for paper-scale corpora)
     ppl_sequences: int = 0         # final: windows of the split for exact/denoising perplexity (0: all)
     curve_ppl_sequences: int = 64  # learning curve: windows for the same
     noise_draws: int = 4           # dblocks: noise draws averaged per token in the denoising perplexity
@@ -89,7 +89,7 @@ class LMEvalConfig(EvalConfig):
     prompt_len: int = 32           # tokens of prompt
     gen_len: int = 64              # tokens generated per continuation
     decoding: str = "top_p"        # the ranking decoding, the same for both arms: top_p | greedy
-    decoding_variants: list = field(default_factory=lambda: list(DECODING_VARIANTS))   # final: also these (not eval.decoding)
+    decoding_variants: list = field(default_factory=lambda: list(DECODING_VARIANTS))   # final: also these decodings
     top_p: float = 0.95            # nucleus of top-p decoding (1.0: plain sampling)
     db_decoding: str = "greedy"    # dblocks decoding of the `paper` variant: greedy (paper) | sample (top-p)
     mauve: bool = True             # MAUVE of sampled vs real continuations under the scorers with features (rnn, ref)
@@ -577,7 +577,8 @@ class AutoregressiveTask(Task):
                 result[on("samples_file")] = str(self.write_samples(gen, split))
                 result.update({f"scorer_{t}": name for t, name in gen["scorers"].items()})
                 result["decoding"] = self.decoding_note()
-                result.update({on(k): v for k, v in self.decoding_variants(model, device, held, gen["metrics"]).items()})
+                variants = self.decoding_variants(model, device, held, gen["metrics"])
+                result.update({on(k): v for k, v in variants.items()})
             result.update({on(k): v for k, v in self.final_variants(model, device, held).items()})
             track.log_final(self.cfg.suite, self.cfg.arm, texts={"metric_definitions.md": METRIC_DEFINITIONS},
                             files=[result.get(on("samples_file"))])
@@ -751,8 +752,9 @@ def report(params_path, log=print) -> Path:
              "## Language-model figures\n", "Test split (validation figures, `val_*`, are in each eval.json).\n",
              _markdown_table(table), ""]
     if len(variants):
-        notes += ["## Variants\n", "The same figures under the other decodings (`greedy`, `top_p`; `paper`: the paper's "
-                  "arm-specific decoding, e2e top-p vs DiffusionBlocks greedy) and inference settings (`Nsteps`, `KN`).\n",
+        notes += ["## Variants\n", "The same figures under the other decodings (`greedy`, `top_p`; `paper`: the "
+                  "paper's arm-specific decoding, e2e top-p vs DiffusionBlocks greedy) and inference settings "
+                  "(`Nsteps`, `KN`).\n",
                   _markdown_table(variants), ""]
     notes += ["## Metric definitions\n", METRIC_DEFINITIONS]
     e2e = [r for r in rows if r["mode"].startswith("e2e")]
