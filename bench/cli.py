@@ -170,7 +170,7 @@ def cmd_report(a) -> None:
 
 
 def cmd_lm_report(a) -> None:
-    from bench.tasks.autoregressive import report
+    from bench.tasks.lm_report import report
     print(f"wrote {report(a.params)}")
 
 

@@ -14,7 +14,8 @@ from bench.data.text import TextSpec, prepare_text
 from bench.metrics import text as M
 from bench.models.llama import Llama, LlamaConfig, apply_rope, block_diffusion_mask, rope_tables
 from bench.tasks import make_task
-from bench.tasks.autoregressive import AutoregressiveTask, generation_generators, top_p_sample
+from bench.tasks.autoregressive import AutoregressiveTask
+from bench.tasks.lm_generation import generation_generators, top_p_sample
 
 ROOT = Path(__file__).resolve().parents[1]
 V = 11
@@ -246,7 +247,7 @@ def test_training_evaluation_compute_and_report(tmp_path, shakespeare_root, monk
     import pandas as pd
 
     from bench.evaluate import evaluate_arm
-    from bench.tasks.autoregressive import report
+    from bench.tasks.lm_report import report
     from bench.train import train
     quiet = dict(progress=False, log=lambda *_: None)
     ref = train(load_config(_params(tmp_path, shakespeare_root, name="_ref"), "e2e"), **quiet)

@@ -51,14 +51,12 @@ tokens, so `train_token_layer_evals` is also given) and per generated token.
 from __future__ import annotations
 
 import json
-import re
 from dataclasses import dataclass, field
-from pathlib import Path
 
 import numpy as np
 import torch
 
-from bench import atomic, seeding, track
+from bench import seeding, track
 from bench.config import ConfigError, EvalConfig, model_config
 from bench.data.text import (PreparedText, TextDataConfig, TextSpec, check_prepared, num_windows, open_text,
                              prepared_dir, windows)
@@ -66,6 +64,7 @@ from bench.diffusion import c_noise, denoised, sample_chain, scale_input, sigmas
 from bench.metrics import text as M
 from bench.splits import metric_on
 from bench.tasks.base import Task
+from bench.tasks.lm_generation import LMGeneration, feature_tags, scorer_tags
 from bench.tasks.masked_lm import HeldOutText, check_split_sizes
 
 SIGMA_PER = ("sequence", "token")
@@ -101,48 +100,6 @@ class LMEvalConfig(EvalConfig):
 
 
 # ---- small pure functions ------------------------------------------------------------------------------------
-def top_p_sample(logits: torch.Tensor, top_p: float, generator: torch.Generator) -> torch.Tensor:
-    """One token per row from the smallest set of tokens whose probability reaches top_p (nucleus
-    sampling); the draw is made on the CPU so it is the same on any device."""
-    probs = logits.float().softmax(-1).cpu()
-    if top_p < 1.0:
-        sorted_p, order = probs.sort(-1, descending=True)
-        keep = sorted_p.cumsum(-1) - sorted_p < top_p            # the first token is always kept
-        sorted_p = sorted_p * keep
-        probs = torch.zeros_like(probs).scatter(-1, order, sorted_p)
-    return torch.multinomial(probs / probs.sum(-1, keepdim=True), 1, generator=generator).squeeze(-1)
-
-
-def decode_tokens(logits: torch.Tensor, decoding: str, top_p: float, generator: torch.Generator) -> torch.Tensor:
-    """The next token of each row of logits (N, V): argmax (`greedy`) or nucleus sampling (`top_p`).
-    A function of the logits and the generator only, so both arms decode alike."""
-    if decoding == "greedy":
-        return logits.argmax(-1).cpu()
-    return top_p_sample(logits, top_p, generator)
-
-
-def paper_decoding(is_dblocks: bool, db_decoding: str) -> str:
-    """The paper's arm-specific decoding: e2e top-p; dblocks greedy (or top-p with db_decoding: sample)."""
-    return "greedy" if is_dblocks and db_decoding == "greedy" else "top_p"
-
-
-def generation_generators(seed: int) -> tuple[torch.Generator, torch.Generator]:
-    """(model noise, decoding draws) for one generation: two streams, so the decoding draws are the same
-    for every arm however much noise its model consumes (common random numbers for the shared decoding)."""
-    decode_seed = int(np.random.SeedSequence([seed, 0xDEC0DE]).generate_state(1, dtype=np.uint64)[0]) >> 1
-    return torch.Generator().manual_seed(seed), torch.Generator().manual_seed(decode_seed)
-
-
-def scorer_tags(e: LMEvalConfig) -> list[str]:
-    """The scorers eval configures, in ranking order: rnn (another family), ngram, ref (eval.reference)."""
-    return [tag for tag, on in (("rnn", e.rnn_reference), ("ngram", e.ngram_order), ("ref", e.reference)) if on]
-
-
-def feature_tags(e: LMEvalConfig) -> list[str]:
-    """The scorers with hidden states, which give MAUVE features."""
-    return [t for t in scorer_tags(e) if t != "ngram"]
-
-
 def ranking_metric(e: LMEvalConfig, is_dblocks: bool) -> str:
     """mauve@<first scorer with features>; without MAUVE gen_ppl@<first scorer>; without any scorer the
     arm's own perplexity (then e2e and dblocks are not ranked by the same number)."""
@@ -166,7 +123,7 @@ def strided_windows(tokens: np.ndarray, length: int, stride: int, indices) -> np
     return np.asarray(tokens[idx], dtype=np.int64)
 
 
-class AutoregressiveTask(Task):
+class AutoregressiveTask(LMGeneration, Task):
     name = "autoregressive"
     # the suites' ranking metric (sweeps and tuning read the class); an instance without an RNN
     # reference ranks by ranking_metric(eval) and sets its own higher_is_better
@@ -260,52 +217,6 @@ class AutoregressiveTask(Task):
                 check_order(e.ngram_order, data.vocab_size)
             except ValueError as err:
                 raise ConfigError(f"eval.ngram_order: {err}") from None
-
-    def check_reference(self, data: PreparedText) -> None:
-        """One line, before compute, if eval.reference is missing, not a causal LM, or another data's model."""
-        path = Path(self.cfg.eval.reference)
-        if not path.exists():
-            raise ConfigError(f"eval.reference {path} not found: train the reference first (the suite's `reference` "
-                              f"stage) or give a local Hugging Face causal-LM directory")
-        if path.is_dir():
-            M.check_hf_causal_lm(path)
-            return
-        try:
-            ref = torch.load(path, map_location="cpu", weights_only=False)["config"]
-        except Exception as e:  # noqa: BLE001 - any unreadable file is the user's input error
-            raise ConfigError(f"eval.reference {path} is not a bench final.pt nor a Hugging Face model directory "
-                              f"({type(e).__name__})") from None
-        if ref.get("task") != "autoregressive" or not str(ref.get("mode", "")).startswith("e2e") \
-                or ref.get("model", {}).get("arch") != "llama":
-            raise ConfigError(f"eval.reference {path} is not a causal LM: it is a {ref.get('task')}/{ref.get('mode')} "
-                              f"run of {ref.get('model', {}).get('arch')}; give an e2e autoregressive llama run")
-        self.check_same_data("eval.reference", path, ref["data"])
-        if ref["model"]["seq_len"] < self.cfg.eval.prompt_len + self.cfg.eval.gen_len:
-            raise ConfigError(f"eval.reference {path} has a context of {ref['model']['seq_len']} tokens, shorter than "
-                              f"prompt + continuation ({self.cfg.eval.prompt_len + self.cfg.eval.gen_len})")
-
-    def check_rnn_reference(self) -> None:
-        """One line, before compute, if eval.rnn_reference is missing, not an RNN reference, or another data's."""
-        from bench.models.rnn_lm import CHECKPOINT_KIND
-        path = Path(self.cfg.eval.rnn_reference)
-        if not path.is_file():
-            raise ConfigError(f"eval.rnn_reference {path} not found: train it first (the suite's `rnn_reference` "
-                              f"stage: python -m bench.models.rnn_lm PARAMS)")
-        try:
-            ckpt = torch.load(path, map_location="cpu", weights_only=False)
-        except Exception as e:  # noqa: BLE001 - any unreadable file is the user's input error
-            raise ConfigError(f"eval.rnn_reference {path} is not a checkpoint ({type(e).__name__})") from None
-        if not isinstance(ckpt, dict) or ckpt.get("kind") != CHECKPOINT_KIND:
-            raise ConfigError(f"eval.rnn_reference {path} is not an RNN reference of python -m bench.models.rnn_lm")
-        self.check_same_data("eval.rnn_reference", path, ckpt["config"]["data"])
-
-    def check_same_data(self, what: str, path: Path, ref_data: dict) -> None:
-        """A scorer must have been trained on this suite's prepared data (same recipe and root)."""
-        ours, theirs = self.spec.recipe(), TextSpec.from_data_config(TextDataConfig(**ref_data)).recipe()
-        if ours != theirs or ref_data["root"] != self.cfg.data.root:
-            diff = sorted(k for k in ours if ours[k] != theirs.get(k)) or ["data.root"]
-            raise ConfigError(f"{what} {path} was trained on other data ({', '.join(diff)} differ); "
-                              f"retrain it on this suite's data section")
 
     def _num_train(self, data) -> int:
         n = num_windows(data.meta["splits"]["train"]["tokens"], self.window, self.cfg.data.random_offset)
@@ -434,25 +345,6 @@ class AutoregressiveTask(Task):
             return model(seq[:, -model.cfg.seq_len:])[:, -1]
         return self.chain_logits(model, seq, torch.tensor([seq.shape[1]]), generator)[:, 0]
 
-    def resolve_decoding(self, name: str | None = None) -> str:
-        """top_p | greedy: `name` (default eval.decoding, the ranking decoding); `paper` is this arm's own."""
-        name = name or self.cfg.eval.decoding
-        return paper_decoding(self.cfg.is_dblocks, self.cfg.eval.db_decoding) if name == "paper" else name
-
-    def decode(self, logits, generator, decoding: str | None = None) -> torch.Tensor:
-        return decode_tokens(logits, self.resolve_decoding(decoding), self.cfg.eval.top_p, generator)
-
-    @torch.no_grad()
-    def generate(self, model, prompts: torch.Tensor, n_new: int, generator, decoding: str | None = None,
-                 sampler: torch.Generator | None = None) -> torch.Tensor:
-        """Continuations (N, n_new) of the prompts (N, P), one token at a time: the model's noise from
-        `generator`, the decoding draws from `sampler` (default: the same generator)."""
-        seq = prompts
-        for _ in range(n_new):
-            nxt = self.decode(self.next_token_logits(model, seq, generator), sampler or generator, decoding)
-            seq = torch.cat([seq, nxt.to(seq.device)[:, None]], dim=1)
-        return seq[:, prompts.shape[1]:]
-
     def inference_layer_evals_per_token(self) -> int:
         """Transformer-layer evaluations to produce one token (the prefix is recomputed: no KV cache)."""
         if not self.cfg.is_dblocks:
@@ -482,30 +374,6 @@ class AutoregressiveTask(Task):
         return torch.cat(out).double()
 
     # ---- evaluation --------------------------------------------------------------------------------------------
-    def scorer_tags(self) -> list[str]:
-        return scorer_tags(self.cfg.eval)
-
-    def scorers(self, device) -> dict[str, M.ReferenceLM]:
-        """{tag: scorer} of every scorer eval configures, built once (the n-gram LM fit once per data content)."""
-        for tag in self.scorer_tags():
-            if tag not in self._scorers:
-                self._scorers[tag] = self._make_scorer(tag, device)
-        return {t: self._scorers[t] for t in self.scorer_tags()}
-
-    def _make_scorer(self, tag: str, device) -> M.ReferenceLM:
-        e = self.cfg.eval
-        if tag == "ngram":
-            from bench.metrics import ngram
-            train = self.data.tokens("train")
-            train = np.asarray(train[:e.ngram_train_tokens] if e.ngram_train_tokens else train)
-            return M.NGramReferenceLM(ngram.fitted(train, self.data.vocab_size, e.ngram_order))
-        if tag == "rnn":
-            return M.RNNReferenceLM(e.rnn_reference, device, e.batch_size)
-        path = Path(e.reference)
-        if path.is_dir():
-            return M.HFReferenceLM(path, self.data.tokenizer.decode, device)
-        return M.BenchReferenceLM(path, device, e.batch_size)
-
     def prompt_windows(self, held: HeldOutText, n: int) -> tuple[list[list[int]], list[list[int]]]:
         """Prompts and their real continuations: n windows of prompt_len + gen_len of `held`, evenly spaced."""
         e = self.cfg.eval
@@ -585,269 +453,5 @@ class AutoregressiveTask(Task):
         model.train(was_training)
         return result
 
-    def decoding_variants(self, model, device, held: HeldOutText, main: dict) -> dict:
-        """The final sample figures under each of eval.decoding_variants but eval.decoding, keyed as
-        variants (`mauve@rnn,greedy`): the same prompts and number of continuations as the ranking
-        figures, so each is comparable with them; a decoding equal to one already run is copied
-        (e2e's `paper` decoding is top-p)."""
-        e = self.cfg.eval
-        done, out = {self.resolve_decoding(): main}, {}
-        for name in e.decoding_variants:
-            if name == e.decoding:
-                continue
-            decoding = self.resolve_decoding(name)
-            if decoding not in done:
-                done[decoding] = self.generation_metrics(model, device, True, held, decoding=decoding)["metrics"]
-            out.update(M.as_variant(done[decoding], name))
-        return out
-
-    def final_variants(self, model, device, held: HeldOutText) -> dict:
-        """Other inference settings of the final evaluation, keyed as on test (the caller renames
-        them for the split).  DiffusionBlocks AR: the same prompts (one continuation each, the
-        shared decoding) sampled with 2B and 4B denoiser calls per token, to show how the step count
-        trades the sample figures against diversity.  The recurrent task overrides this with its recurrences."""
-        if not self.cfg.is_dblocks or not self.scorer_tags():
-            return {}
-        d, out = self.cfg.diffusion, {}
-        main = d.inference_steps
-        try:
-            for steps in (2 * self.partition.num_blocks, 4 * self.partition.num_blocks):
-                d.inference_steps = steps
-                m = self.generation_metrics(model, device, True, held, continuations=1)["metrics"]
-                out.update(M.as_variant(m, f"{steps}steps"))
-        finally:
-            d.inference_steps = main
-        return out
-
-    def generation_metrics(self, model, device, final: bool, held: HeldOutText, continuations: int = 0,
-                           decoding: str | None = None) -> dict:
-        """Sample continuations of prompts of `held` with `decoding` (default eval.decoding, the same for
-        both arms) and score them under every scorer (M.generation_figures): gen_ppl and distinct-4,
-        and MAUVE under the ranking scorer; final: also every scorer's MAUVE and the real text's
-        figures.  continuations: per prompt (0: eval.continuations when final, else 1)."""
-        e = self.cfg.eval
-        n_prompts, n_cont = (e.prompts, e.continuations) if final else (e.curve_prompts, 1)
-        n_cont = continuations or n_cont
-        prompts, real = self.prompt_windows(held, n_prompts)
-        noise, sampler = generation_generators(e.seed)
-        P = torch.tensor(prompts, device=device)
-        conts = []
-        for _ in range(n_cont):
-            for s in range(0, len(P), e.batch_size):
-                conts += self.generate(model, P[s:s + e.batch_size], e.gen_len, noise, decoding, sampler).cpu().tolist()
-        gen_prompts = [p for _ in range(n_cont) for p in prompts]
-        scorers = self.scorers(device)
-        if final:
-            mauve_tags = feature_tags(e) if e.mauve else []
-        else:   # the learning curve: the ranking MAUVE only (what the curve and the sweeps read)
-            mauve_tags = [self.metric.split("@")[1]] if self.metric.startswith("mauve@") else []
-        metrics = M.generation_figures(scorers, prompts, real, gen_prompts, conts, with_data=final,
-                                       mauve_tags=mauve_tags, mauve_buckets=e.mauve_buckets if final else 0,
-                                       mauve_scaling=e.mauve_scaling, mauve_features=e.mauve_features, seed=e.seed)
-        if final:
-            metrics.update({"gen_samples": len(conts), "gen_prompts": n_prompts, "gen_len": e.gen_len})
-        return {"metrics": metrics, "prompts": gen_prompts, "conts": conts, "real": real * n_cont,
-                "scorers": {t: ref.name for t, ref in scorers.items()}}
-
-    def decoding_note(self, decoding: str | None = None) -> str:
-        e = self.cfg.eval
-        decoding = self.resolve_decoding(decoding)
-        dec = "greedy (argmax)" if decoding == "greedy" else f"top-p {e.top_p}"
-        if self.cfg.is_dblocks:
-            return (f"{len(self.inference_sigmas())} denoiser calls per token on the equal-probability σ grid "
-                    f"(B = {self.partition.num_blocks}), {dec} decoding of the final logits")
-        return f"{dec} decoding"
-
-    def write_samples(self, gen: dict, split: str) -> Path:
-        """The first eval.samples_shown continuations: test → <samples_dir>/<suite>/samples_<arm>.md (the
-        published file) and samples.md in the run; val → samples_val.md in the run only."""
-        e, tok = self.cfg.eval, self.data.tokenizer
-        md = [f"# {self.cfg.suite}/{self.cfg.arm}: sampled continuations\n",
-              f"{len(gen['conts'])} continuations of {e.gen_len} {tok.kind} tokens after {e.prompt_len}-token prompts "
-              f"from the {split} split ({self.decoding_note()}), seed {e.seed}; the first {e.samples_shown} are shown "
-              f"with the real continuation.  Scored by: {'; '.join(f'`{t}` {n}' for t, n in gen['scorers'].items())}.  "
-              f"Written by `bench evaluate`.\n"]
-        for i in range(min(e.samples_shown, len(gen["conts"]))):
-            md += [f"## Sample {i + 1}\n", "Prompt:\n", "```text", tok.decode(gen["prompts"][i]), "```",
-                   "Generated:\n", "```text", tok.decode(gen["conts"][i]), "```",
-                   "Real continuation:\n", "```text", tok.decode(gen["real"][i]), "```\n"]
-        text = "\n".join(md)
-        if split != "test":
-            return atomic.write_text(Path(self.cfg.out_dir) / f"samples_{split}.md", text)
-        atomic.write_text(Path(self.cfg.out_dir) / "samples.md", text)
-        return atomic.write_text(Path(e.samples_dir) / self.cfg.suite / f"samples_{self.cfg.arm}.md", text)
-
 
 METRIC_DEFINITIONS = M.METRIC_DEFINITIONS   # the table heading every LM comparison.md (bench/metrics/text.py)
-
-
-# ---- the suite report ------------------------------------------------------------------------------------------
-# the test-split figures of the final variants (the val_ ones are for selections, not the table)
-TEST_VARIANT = re.compile(r"(?P<figure>(?:gen_ppl|distinct4|mauve|test_ppl|test_bpc|denoise_ppl|denoise_bpc)"
-                          r"(?:@[a-z]+)?)[@,](?P<variant>\d+steps|K\d+|greedy|top_p|paper)")
-PPL_KEYS = ("test_ppl", "test_bpc", "denoise_ppl", "denoise_bpc")
-COMPUTE_KEYS = ("train_layer_evals", "train_backward_layer_evals", "train_token_layer_evals",
-                "infer_layer_evals@per_token", "inference_recurrence")
-
-
-def lm_columns(metric: str, e: LMEvalConfig) -> list[str]:
-    """The main table: the ranking metric, each scorer's MAUVE and gen_ppl of samples and of the real text,
-    distinct-4, the arms' own perplexities and the compute counts."""
-    tags = scorer_tags(e)
-    cols = [metric, *(f"mauve@{t}" for t in feature_tags(e)), *(f"gen_ppl@{t}" for t in tags),
-            *(f"gen_ppl@data,{t}" for t in tags), "distinct4@gen", "distinct4@data", *PPL_KEYS, *COMPUTE_KEYS]
-    return list(dict.fromkeys(cols))
-
-
-def variant_rows(rows: list[dict]) -> list[dict]:
-    """One row per (arm, variant) holding the figures of the arm's variant keys (`mauve@rnn,greedy` →
-    variant greedy, column mauve@rnn)."""
-    out: dict[tuple, dict] = {}
-    for r in rows:
-        for k, v in r.items():
-            m = TEST_VARIANT.fullmatch(k)
-            if m:
-                out.setdefault((r["arm"], m["variant"]), {})[m["figure"]] = v
-    return [{"arm": arm, "variant": variant, **figs} for (arm, variant), figs in out.items()]
-
-
-def report(params_path, log=print) -> Path:
-    """`bench lm-report`: `bench compare`'s comparison.md (every metric as a column) headed by the scorers,
-    the language-model figures per arm under the shared decoding, their variants, the metric definitions,
-    the checks and the samples; plus quality_vs_compute.png (the curve metrics against the *counted*
-    training layer evaluations, which for the recurrent e2e arm include every unrolled iteration)."""
-    import pandas as pd
-
-    from bench.config import arm_names, load_config, read_params
-    from bench.report import _markdown_table, compare
-
-    raw = read_params(params_path)
-    suite = str(raw.get("suite") or Path(params_path).parent.name)
-    out = Path(raw.get("results_dir") or "results") / suite
-    rows, curves = [], {}
-    for arm in arm_names(params_path):
-        cfg = load_config(params_path, arm)
-        ev_path = Path(cfg.out_dir) / "eval.json"
-        if not ev_path.exists():
-            raise FileNotFoundError(f"{ev_path} not found: run `bench evaluate {params_path} --arm {arm}` first")
-        ev = json.loads(ev_path.read_text())
-        curves[arm] = pd.read_csv(Path(cfg.out_dir) / "history.csv")
-        rows.append({"arm": arm, "mode": cfg.mode, **ev, "_cfg": cfg})
-    first = rows[0]["_cfg"]
-    e = first.eval
-    metric = rows[0].get("metric") or ranking_metric(e, first.is_dblocks)
-    table = pd.DataFrame([{"arm": r["arm"], "mode": r["mode"], **{c: r.get(c, float("nan"))
-                                                                  for c in lm_columns(metric, e)}}
-                          for r in rows]).dropna(axis=1, how="all")
-    variants = pd.DataFrame(variant_rows(rows))
-    notes = [f"**Scale.** {first.data.dataset}, {first.data.tokenizer} tokens, context {first.data.seq_len}; "
-             f"these are numbers of this corpus and model size only (not LM1B/OWT numbers).  {e.prompts} test prompts "
-             f"× {e.continuations} continuations of {e.gen_len} tokens after {e.prompt_len}-token prompts (MAUVE: "
-             f"{rows[0].get('mauve_n_real', '–')} real vs {rows[0].get('mauve_n_gen', '–')} generated texts, "
-             f"{rows[0].get('mauve_buckets', '–')} buckets, scaling {e.mauve_scaling}).\n",
-             f"**Ranking.** `{metric}` ({'higher' if metric.startswith('mauve') else 'lower'} is better), with both "
-             f"arms decoded the same way (`eval.decoding`: {e.decoding}"
-             f"{f', p = {e.top_p}' if e.decoding == 'top_p' else ''}).\n",
-             "**Scorers.**\n", *_scorer_lines(rows[0], e), "",
-             "## Language-model figures\n", "Test split (validation figures, `val_*`, are in each eval.json).\n",
-             _markdown_table(table), ""]
-    if len(variants):
-        notes += ["## Variants\n", "The same figures under the other decodings (`greedy`, `top_p`; `paper`: the "
-                  "paper's arm-specific decoding, e2e top-p vs DiffusionBlocks greedy) and inference settings "
-                  "(`Nsteps`, `KN`).\n",
-                  _markdown_table(variants), ""]
-    notes += ["## Metric definitions\n", METRIC_DEFINITIONS]
-    e2e = [r for r in rows if r["mode"].startswith("e2e")]
-    db = [r for r in rows if r["mode"].startswith("dblocks")]
-    if e2e and db:
-        lines = ["## Checks\n"]
-        for b in db:
-            lines += _checks(e2e[0], b, metric, scorer_tags(e))
-        notes += lines + [""]
-    notes += ["## Samples\n", *[f"- `{r['arm']}`: [samples_{r['arm']}.md](samples_{r['arm']}.md)" for r in rows
-                                 if r.get("samples_file")], "",
-              "Quality against counted training compute: ![quality vs compute](quality_vs_compute.png)\n",
-              "The table below and `learning_curve.png` come from `bench compare`; its `layer_evals` and "
-              "`epochs_equiv` count forward layer passes (for the recurrent e2e arm every unrolled iteration, as "
-              "`train_layer_evals` above).\n"]
-    md = compare(params_path, notes="\n".join(notes))
-    keys = [metric, *(f"gen_ppl@{t}" for t in scorer_tags(e)), "test_ppl", "denoise_ppl"]
-    _plot_quality(curves, out / "quality_vs_compute.png", suite, list(dict.fromkeys(keys)))
-    log(f"{suite}: wrote {out / 'quality_vs_compute.png'}")
-    return md
-
-
-def _scorer_lines(row: dict, e: LMEvalConfig) -> list[str]:
-    """One line per scorer: what it is (as the evaluation recorded it)."""
-    lines = []
-    for tag in scorer_tags(e):
-        name = row.get(f"scorer_{tag}", {"ngram": f"Kneser–Ney {e.ngram_order}-gram", "rnn": e.rnn_reference,
-                                         "ref": e.reference}[tag])
-        if tag == "ref":
-            ref_eval = Path(e.reference).parent / "eval.json"
-            if ref_eval.is_file():
-                r = json.loads(ref_eval.read_text())
-                name += f"; its own exact test perplexity {r['test_ppl']:.4g}, {r['test_bpc']:.4g} bits per character"
-            name += "; the e2e arm's family: shown for continuity, not ranked"
-        lines.append(f"- `{tag}`: {name}")
-    return lines
-
-
-def _checks(a: dict, b: dict, metric: str, tags: list[str]) -> list[str]:
-    """The ranking metric, each scorer's gen-ppl ratio (target: within 15%) and MAUVE, and the compute
-    ratios of arm b against e2e arm a."""
-    nan = float("nan")
-    lines = []
-    if metric in a and metric in b:
-        lines.append(f"- `{metric}` {b['arm']} {b[metric]:.4g} vs {a['arm']} {a[metric]:.4g}, the same decoding: "
-                     f"{a['arm']} {a.get('decoding') or _decoding(a['_cfg'])}; {b['arm']} "
-                     f"{b.get('decoding') or _decoding(b['_cfg'])}.")
-    for t in tags:
-        k = f"gen_ppl@{t}"
-        if k in a and k in b:
-            ratio = b[k] / a[k]
-            lines.append(f"- {k} {b['arm']} / {a['arm']} = {b[k]:.4g} / {a[k]:.4g} = {ratio:.3f} "
-                         f"({'within' if abs(ratio - 1) <= 0.15 else 'NOT within'} 15%); real continuations: "
-                         f"{a.get(f'gen_ppl@data,{t}', nan):.4g}"
-                         + (f"; mauve@{t} {b.get(f'mauve@{t}', nan):.3g} vs {a.get(f'mauve@{t}', nan):.3g}"
-                            if f"mauve@{t}" in a else "") + ".")
-    if "distinct4@gen" in a and "distinct4@gen" in b:
-        lines.append(f"- distinct-4 {b['arm']} {b['distinct4@gen']:.3g} vs {a['arm']} {a['distinct4@gen']:.3g} "
-                     f"(real continuations {a.get('distinct4@data', nan):.3g}).")
-    lines.append(f"- training layer evaluations {a['arm']} / {b['arm']} = {a['train_layer_evals']:,} / "
-                 f"{b['train_layer_evals']:,} = {a['train_layer_evals'] / b['train_layer_evals']:.2f}× "
-                 f"(token-layer evaluations: {a['train_token_layer_evals'] / b['train_token_layer_evals']:.2f}×"
-                 + (f"; back-propagated layer evaluations: "
-                    f"{a['train_backward_layer_evals'] / b['train_backward_layer_evals']:.2f}×"
-                    if "train_backward_layer_evals" in a else "") + ").")
-    lines.append(f"- inference layer evaluations per token: {a['arm']} {a['infer_layer_evals@per_token']}, "
-                 f"{b['arm']} {b['infer_layer_evals@per_token']}.")
-    return lines
-
-
-def _decoding(cfg) -> str:
-    from bench.tasks import make_task
-    return make_task(cfg).decoding_note()
-
-
-def _plot_quality(curves: dict, path: Path, suite: str, candidates: list[str]) -> Path:
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-    keys = [k for k in candidates if any(k in df for df in curves.values())]
-    if not keys:   # no test points on the curve (trained while the test split was sealed)
-        return path
-    fig, axes = plt.subplots(1, len(keys), figsize=(5 * len(keys), 4), squeeze=False)
-    for ax, key in zip(axes[0], keys):
-        for arm, df in curves.items():
-            if key in df and "train_layer_evals" in df:
-                ax.plot(df["train_layer_evals"], df[key], marker="o", label=arm)
-        ax.set_xlabel("training layer evaluations (counted, all unrolled iterations)")
-        ax.set_ylabel(key + (" (higher is better)" if key.startswith("mauve") else ""))
-        ax.set_yscale("linear" if key.startswith("mauve") else "log")
-        ax.grid(alpha=0.3)
-        ax.legend(fontsize=8)
-    fig.suptitle(f"{suite}: quality vs training compute", fontsize=10)
-    fig.tight_layout()
-    atomic.save_figure(path, fig, dpi=110)
-    return path
