@@ -58,14 +58,14 @@ import torch
 
 from bench import seeding, track
 from bench.config import ConfigError, EvalConfig, model_config
-from bench.data.text import (PreparedText, TextDataConfig, TextSpec, check_prepared, num_windows, open_text,
+from bench.data.text import (PreparedText, TextDataConfig, TextSpec, check_prepared, num_windows,
                              prepared_dir, windows)
 from bench.diffusion import c_noise, denoised, sample_chain, scale_input, sigmas_equiprobable, weighted_loss
 from bench.metrics import text as M
 from bench.splits import metric_on
 from bench.tasks.base import Task
 from bench.tasks.lm_generation import LMGeneration, feature_tags, scorer_tags
-from bench.tasks.masked_lm import HeldOutText, check_split_sizes
+from bench.tasks.text_base import HeldOutText, TextTask, check_split_sizes
 
 SIGMA_PER = ("sequence", "token")
 DECODINGS = ("top_p", "greedy")              # what eval.decoding may be: one decoding for both arms
@@ -123,7 +123,7 @@ def strided_windows(tokens: np.ndarray, length: int, stride: int, indices) -> np
     return np.asarray(tokens[idx], dtype=np.int64)
 
 
-class AutoregressiveTask(LMGeneration, Task):
+class AutoregressiveTask(LMGeneration, TextTask):
     name = "autoregressive"
     # the suites' ranking metric (sweeps and tuning read the class); an instance without an RNN
     # reference ranks by ranking_metric(eval) and sets its own higher_is_better
@@ -218,24 +218,13 @@ class AutoregressiveTask(LMGeneration, Task):
             except ValueError as err:
                 raise ConfigError(f"eval.ngram_order: {err}") from None
 
-    def _num_train(self, data) -> int:
-        n = num_windows(data.meta["splits"]["train"]["tokens"], self.window, self.cfg.data.random_offset)
-        return min(n, self.cfg.data.train_subset) if self.cfg.data.train_subset else n
+    @property
+    def train_window(self) -> int:
+        return self.window
 
-    def load(self) -> None:
-        self.data = open_text(self.spec, self.cfg.data.root)
-        self.train_tokens = self.data.tokens("train")
-        self.num_train = self._num_train(self.data)
-        self.val_data = self._held_out("val", self.cfg.data.val_subset)
-
-    def load_test(self) -> HeldOutText:
-        return self._held_out("test", self.cfg.data.test_subset)
-
-    def _held_out(self, split: str, subset: int) -> HeldOutText:
-        if not hasattr(self, "data"):
-            self.data = open_text(self.spec, self.cfg.data.root)
+    def scored_windows(self, n_tokens: int) -> int:
         # scored windows overlap by one token so that every token after the first is predicted once
-        return HeldOutText.of(self.data, split, subset, lambda n: max(0, n - 1) // self.seq_len)
+        return max(0, n_tokens - 1) // self.seq_len
 
     @property
     def vocab_size(self) -> int:

@@ -19,7 +19,7 @@ from bench import atomic
 from bench.config import ConfigError
 from bench.data.text import PreparedText, TextDataConfig, TextSpec
 from bench.metrics import text as M
-from bench.tasks.masked_lm import HeldOutText
+from bench.tasks.text_base import HeldOutText
 
 if TYPE_CHECKING:
     from bench.tasks.autoregressive import LMEvalConfig

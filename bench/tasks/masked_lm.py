@@ -33,19 +33,18 @@ import json
 import math
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable
 
 import numpy as np
 import torch
 
 from bench import atomic, track
 from bench.config import ConfigError, DiffusionConfig, EvalConfig, model_config
-from bench.data.text import (PreparedText, TextDataConfig, TextSpec, check_prepared, num_windows, open_text,
+from bench.data.text import (PreparedText, TextDataConfig, TextSpec, check_prepared, num_windows,
                              prepared_dir, windows)
 from bench.diffusion.masking import (MASKING_STRATEGIES, MaskingSchedule, make_masking_partition, mask_tokens,
                                      masked_ce_sum, mc_mean_stderr, md4_nelbo, sample_masked)
 from bench.splits import metric_on
-from bench.tasks.base import Task
+from bench.tasks.text_base import HeldOutText, TextTask, check_split_sizes
 
 _EDM_ONLY = ("P_mean", "P_std", "sigma_min", "sigma_max", "sigma_data", "inference_steps", "sample_sigma_max")
 
@@ -61,34 +60,7 @@ class MaskedLMEvalConfig(EvalConfig):
     samples_dir: str = "results"   # samples go to <samples_dir>/<suite>/samples_<arm>.md
 
 
-@dataclass
-class HeldOutText:
-    """A scored split of a prepared corpus (validation or test) and what its metrics need."""
-    split: str                     # "val" | "test"
-    tokens: np.ndarray
-    num_windows: int               # windows scored: all, or the first data.val_subset / data.test_subset
-    chars_per_token: float
-    unk_rate: float
-
-    @classmethod
-    def of(cls, data: PreparedText, split: str, subset: int, windows_in: Callable[[int], int]) -> "HeldOutText":
-        n = windows_in(int(data.meta["splits"][split]["tokens"]))
-        return cls(split, data.tokens(split), min(n, subset) if subset else n, data.chars_per_token(split),
-                   data.unk_rate(split))
-
-
-def check_split_sizes(data: PreparedText, window: int, random_offset: bool, what: str) -> None:
-    """One line if a split holds no window of `window` tokens (the val split: every learning curve
-    and every selection reads it, so it must not be empty)."""
-    for split in ("train", "val", "test"):
-        n = data.meta["splits"][split]["tokens"]
-        if num_windows(n, window, offset_room=split == "train" and random_offset) < 1:
-            hint = (f"; data.split {list(data.meta['recipe'].get('split', []))} gives it no text, and validation "
-                    f"is what learning curves and selections score" if split == "val" and n == 0 else "")
-            raise ConfigError(f"{what} is larger than the {split} split of {data.dir.name} ({n:,} tokens){hint}")
-
-
-class MaskedLMTask(Task):
+class MaskedLMTask(TextTask):
     name = "masked_lm"
     metric = "test_bpc"
     higher_is_better = False
@@ -150,23 +122,12 @@ class MaskedLMTask(Task):
         if n_train < bs:
             raise ConfigError(f"train.batch_size {bs} is larger than the {n_train} training sequences of length {L}")
 
-    def _num_train(self, data) -> int:
-        n = num_windows(data.meta["splits"]["train"]["tokens"], self.seq_len, self.cfg.data.random_offset)
-        return min(n, self.cfg.data.train_subset) if self.cfg.data.train_subset else n
+    @property
+    def train_window(self) -> int:
+        return self.seq_len
 
-    def load(self) -> None:
-        self.data = open_text(self.spec, self.cfg.data.root)
-        self.train_tokens = self.data.tokens("train")
-        self.num_train = self._num_train(self.data)
-        self.val_data = self._held_out("val", self.cfg.data.val_subset)
-
-    def load_test(self) -> HeldOutText:
-        return self._held_out("test", self.cfg.data.test_subset)
-
-    def _held_out(self, split: str, subset: int) -> HeldOutText:
-        if not hasattr(self, "data"):
-            self.data = open_text(self.spec, self.cfg.data.root)
-        return HeldOutText.of(self.data, split, subset, lambda n: num_windows(n, self.seq_len))
+    def scored_windows(self, n_tokens: int) -> int:
+        return num_windows(n_tokens, self.seq_len)
 
     @property
     def vocab_size(self) -> int:

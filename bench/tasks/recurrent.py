@@ -44,7 +44,7 @@ from bench.config import ConfigError, model_config
 from bench.diffusion import c_noise, denoised, sample_chain, scale_input, weighted_loss
 from bench.metrics import text as M
 from bench.tasks.autoregressive import AutoregressiveTask, LMEvalConfig
-from bench.tasks.masked_lm import HeldOutText
+from bench.tasks.text_base import HeldOutText
 
 
 @dataclass
