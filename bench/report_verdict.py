@@ -10,6 +10,7 @@ protocol.pairs and every seed, and writes into results/<suite>/:
   comparison.md       the protocol, the per-arm table (mean ± sd over seeds), the verdicts, the
                       compute and parameter ratios of each pair, the per-seed figures
   learning_curve.csv / .png   test metric vs training compute, mean over seeds with the min–max band
+  metrics.json        per-arm means and per-pair verdicts, declared as DVC metrics
 
 Test figures are the final evaluation's (`bench evaluate`); validation figures are reported
 beside them because every choice (tuning, variants) was made on them.
@@ -254,4 +255,12 @@ def write_verdict(params_path) -> Path:
           f"\n`val_mean_diff`: the same paired difference on validation{unit}.\n",
           f"## Per seed (test {task_cls.metric}{unit})\n", _markdown_table(per_seed.reset_index()),
           f"\n![learning curve]({png.name})\n"]
+    # the figures as DVC metrics (`dvc metrics show` / `diff`): per arm mean over seeds, per pair the verdict
+    metrics = {"metric": task_cls.metric,
+               "arms": {r.arm: {"test_mean": float(r.test_mean) / scale, "val_mean": float(r.val_mean) / scale,
+                                "seeds": int(r.seeds)} for r in per_arm.itertuples()},
+               "pairs": {str(r["pair"]): {k: (float(r[k]) if isinstance(r[k], (int, float, np.floating)) else str(r[k]))
+                                          for k in ("mean_diff", "ci_low", "ci_high", "verdict", "seeds") if k in r and pd.notna(r[k])}
+                         for _, r in verdicts[verdicts["claim"] == "a"].iterrows()}}
+    atomic.write_json(out / "metrics.json", metrics)
     return atomic.write_text(out / "comparison.md", "\n".join(md))
