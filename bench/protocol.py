@@ -28,7 +28,7 @@ from pathlib import Path
 
 from bench.config import ConfigError, read_params
 
-KNOWN = {"seeds", "pairs", "margin", "margin_relative", "tune", "claims"}
+KNOWN = {"seeds", "pairs", "margin", "margin_relative", "tune", "claims", "ablations", "ablation_seeds"}
 TUNE_KNOWN = {"trials", "seed", "overrides", "shared_space", "method_space"}
 
 
@@ -50,6 +50,8 @@ class Protocol:
     margin_relative: bool
     tune: TuneSpec | None
     claims: dict = field(default_factory=dict)   # extra claims (b, c): name → [reference arm, DB arm]
+    ablations: dict = field(default_factory=dict)   # name → (reference arm, changed arm): not claims
+    ablation_seeds: list[int] = field(default_factory=list)
 
     @property
     def arms(self) -> list[str]:
@@ -79,10 +81,13 @@ def load_protocol(params_path: str | Path) -> Protocol:
         pairs[name] = tuple(pair)
     if not pairs:
         raise ConfigError(f"protocol.pairs in {where} is empty")
-    for name, pair in (spec.get("claims") or {}).items():
-        for arm in pair:
-            if arm not in arms:
-                raise ConfigError(f"protocol.claims.{name}: unknown arm {arm!r} in {where}")
+    for key in ("claims", "ablations"):
+        for name, pair in (spec.get(key) or {}).items():
+            if not (isinstance(pair, list) and len(pair) == 2) or any(arm not in arms for arm in pair):
+                raise ConfigError(f"protocol.{key}.{name} in {where} must be [reference arm, changed arm] of `arms`, got {pair!r}")
+    ablation_seeds = spec.get("ablation_seeds", seeds)
+    if not isinstance(ablation_seeds, list) or not all(isinstance(s, int) for s in ablation_seeds):
+        raise ConfigError(f"protocol.ablation_seeds in {where} must be a list of integers, got {ablation_seeds!r}")
     margin = spec.get("margin")
     if not isinstance(margin, (int, float)) or isinstance(margin, bool) or not margin > 0:
         raise ConfigError(f"protocol.margin in {where} must be a positive number fixed before the runs, got {margin!r}")
@@ -98,4 +103,5 @@ def load_protocol(params_path: str | Path) -> Protocol:
                         dict(t.get("shared_space") or {}), dict(t.get("method_space") or {}))
     suite = str(raw.get("suite") or Path(params_path).parent.name)
     return Protocol(suite, seeds, pairs, float(margin), bool(spec.get("margin_relative", False)), tune,
-                    dict(spec.get("claims") or {}))
+                    dict(spec.get("claims") or {}), {k: tuple(v) for k, v in (spec.get("ablations") or {}).items()},
+                    list(ablation_seeds))

@@ -68,13 +68,14 @@ def arm_compute(cfg) -> dict:
             "params": param_counts(model)["total"]}
 
 
-def collect_seeds(params_path, proto: Protocol, log=print) -> pd.DataFrame:
+def collect_seeds(params_path, proto: Protocol, log=print, arms: list[str] | None = None,
+                  seeds: list[int] | None = None) -> pd.DataFrame:
     """Every finished (arm, seed).  A seed not yet run is left out with a printed line, and the
     verdict rows count only the seeds both arms of a pair finished (their `seeds` column says how
     many; `missing_seeds` names the others)."""
     rows = []
-    for arm in proto.arms:
-        for seed in proto.seeds:
+    for arm in arms or proto.arms:
+        for seed in seeds or proto.seeds:
             try:
                 cfg = load_config(params_path, arm, seed=seed)
             except ConfigError as e:   # a tuned arm before `bench tune` has run
@@ -123,6 +124,28 @@ def pair_rows(seeds: pd.DataFrame, proto: Protocol, higher_is_better: bool) -> l
                      "note": "" if len(done) == len(proto.seeds) else
                      f"{len(done)} of the protocol's {len(proto.seeds)} seeds finished"})
     return rows
+
+
+def ablation_rows(params_path, proto: Protocol, higher_is_better: bool, log=print) -> pd.DataFrame:
+    """Each ablation [reference arm, changed arm] over protocol.ablation_seeds: the paired
+    difference changed − reference (positive: the change helps), its interval and the same
+    verdict rule.  Ablations are reported apart from the paper's claims."""
+    rows = []
+    for name, (ref, changed) in proto.ablations.items():
+        seeds = collect_seeds(params_path, proto, log, [ref, changed], proto.ablation_seeds)
+        done = [s for s in proto.ablation_seeds if ((seeds["arm"] == ref) & (seeds["seed"] == s)).any()
+                and ((seeds["arm"] == changed) & (seeds["seed"] == s)).any()] if len(seeds) else []
+        if not done:
+            rows.append({"ablation": name, "reference": ref, "changed": changed, "verdict": "not run"})
+            continue
+        a = seeds[seeds["arm"] == ref].set_index("seed").loc[done]
+        b = seeds[seeds["arm"] == changed].set_index("seed").loc[done]
+        r = compare_pair(a["test"].tolist(), b["test"].tolist(), higher_is_better, proto.margin, proto.margin_relative)
+        rows.append({"ablation": name, "reference": ref, "changed": changed, **r,
+                     "val_mean_diff": compare_pair(a["val"].tolist(), b["val"].tolist(), higher_is_better,
+                                                   proto.margin, proto.margin_relative)["mean_diff"],
+                     "param_ratio": float(b["params"].mean() / a["params"].mean())})
+    return pd.DataFrame(rows)
 
 
 def memory_rows(suite: str, B: int, margin: float = 0.1) -> list[dict]:
@@ -196,6 +219,14 @@ def _curve(params_path, proto: Protocol, metric: str, higher_is_better: bool, ou
     return out / "learning_curve.png"
 
 
+def _scaled(table: pd.DataFrame, scale: float) -> pd.DataFrame:
+    out = table.copy()
+    for c in ("e2e_mean", "db_mean", "mean_diff", "ci_low", "ci_high", "margin", "val_mean_diff"):
+        if c in out:
+            out[c] = scale * out[c]
+    return out.rename(columns={"e2e_mean": "reference_mean", "db_mean": "changed_mean", "p_db_ge_e2e": "p_changed_ge_ref"})
+
+
 def write_verdict(params_path) -> Path:
     from bench.tasks import task_class
     raw = read_params(params_path)
@@ -211,6 +242,9 @@ def write_verdict(params_path) -> Path:
     verdicts = pd.DataFrame(rows)
     verdicts.insert(0, "suite", proto.suite)
     atomic.write_csv(out / "verdict.csv", verdicts)
+    ablations = ablation_rows(params_path, proto, task_cls.higher_is_better) if proto.ablations else pd.DataFrame()
+    if len(ablations):
+        atomic.write_csv(out / "ablations.csv", ablations)
     png = _curve(params_path, proto, task_cls.metric, task_cls.higher_is_better, out, f"{proto.suite}: test {task_cls.metric} vs training compute")
 
     scale = 100 if task_cls.metric.endswith("acc") else 1
@@ -254,6 +288,10 @@ def write_verdict(params_path) -> Path:
           _markdown_table(pairs.fillna("")),
           f"\n`val_mean_diff`: the same paired difference on validation{unit}.\n",
           f"## Per seed (test {task_cls.metric}{unit})\n", _markdown_table(per_seed.reset_index()),
+          *(["\n## Ablations of the DB arm (not claims of the paper)\n",
+             f"Changed − reference, paired over seeds {proto.ablation_seeds} (positive: the change helps), test "
+             f"{task_cls.metric}{unit}; the same interval and verdict rule; `param_ratio`: changed / reference parameters.\n",
+             _markdown_table(_scaled(ablations, scale).fillna(""))] if len(ablations) else []),
           f"\n![learning curve]({png.name})\n"]
     # the figures as DVC metrics (`dvc metrics show` / `diff`): per arm mean over seeds, per pair the verdict
     metrics = {"metric": task_cls.metric,
