@@ -245,7 +245,7 @@ def write_verdict(params_path) -> Path:
     ablations = ablation_rows(params_path, proto, task_cls.higher_is_better) if proto.ablations else pd.DataFrame()
     if len(ablations):
         atomic.write_csv(out / "ablations.csv", ablations)
-    png = _curve(params_path, proto, task_cls.metric, task_cls.higher_is_better, out, f"{proto.suite}: test {task_cls.metric} vs training compute")
+    png = _curve(params_path, proto, task_cls.metric, task_cls.higher_is_better, out, f"{proto.suite}: {task_cls.metric} vs training compute")
 
     scale = 100 if task_cls.metric.endswith("acc") else 1
     unit = " (points)" if scale == 100 else ""
