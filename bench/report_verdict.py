@@ -99,22 +99,32 @@ def collect_seeds(params_path, proto: Protocol, log=print, arms: list[str] | Non
     return pd.DataFrame(rows)
 
 
+def paired(seeds: pd.DataFrame, ref: str, other: str, seed_list: list[int], higher_is_better: bool,
+           proto: Protocol):
+    """The seeds both arms finished, their per-seed rows, and compare_pair on test and on val
+    (None when no seed is shared)."""
+    done = [s for s in seed_list if s in set(seeds.loc[seeds["arm"] == ref, "seed"])
+            and s in set(seeds.loc[seeds["arm"] == other, "seed"])] if len(seeds) else []
+    if not done:
+        return done, None, None, None, None
+    a = seeds[seeds["arm"] == ref].set_index("seed").loc[done]
+    b = seeds[seeds["arm"] == other].set_index("seed").loc[done]
+    test, val = (compare_pair(a[c].tolist(), b[c].tolist(), higher_is_better, proto.margin, proto.margin_relative)
+                 for c in ("test", "val"))
+    return done, a, b, test, val
+
+
 def pair_rows(seeds: pd.DataFrame, proto: Protocol, higher_is_better: bool) -> list[dict]:
     rows = []
     for name, (e2e, db) in proto.pairs.items():
-        done = [s for s in proto.seeds if s in set(seeds.loc[seeds["arm"] == e2e, "seed"])
-                and s in set(seeds.loc[seeds["arm"] == db, "seed"])]
+        done, a, b, r, val = paired(seeds, e2e, db, proto.seeds, higher_is_better, proto)
         if not done:
             rows.append({"claim": "a", "statement": CLAIMS["a"], "pair": name, "e2e_arm": e2e, "db_arm": db,
                          "verdict": "not tested", "note": "no seed finished for both arms"})
             continue
-        a = seeds[seeds["arm"] == e2e].set_index("seed").loc[done]
-        b = seeds[seeds["arm"] == db].set_index("seed").loc[done]
         flop_ratio = float(b["train_flops"].mean() / a["train_flops"].mean())
         param_ratio = float(b["params"].mean() / a["params"].mean())
         matched = abs(flop_ratio - 1) <= MATCHED
-        r = compare_pair(a["test"].tolist(), b["test"].tolist(), higher_is_better, proto.margin, proto.margin_relative)
-        val = compare_pair(a["val"].tolist(), b["val"].tolist(), higher_is_better, proto.margin, proto.margin_relative)
         rows.append({"claim": "a", "statement": CLAIMS["a"] if matched else
                      f"DB vs E2E (compute NOT matched: FLOP ratio DB/E2E {flop_ratio:.2f})",
                      "pair": name, "e2e_arm": e2e, "db_arm": db, "metric": a["metric"].iloc[0], **r,
@@ -133,17 +143,11 @@ def ablation_rows(params_path, proto: Protocol, higher_is_better: bool, log=prin
     rows = []
     for name, (ref, changed) in proto.ablations.items():
         seeds = collect_seeds(params_path, proto, log, [ref, changed], proto.ablation_seeds)
-        done = [s for s in proto.ablation_seeds if ((seeds["arm"] == ref) & (seeds["seed"] == s)).any()
-                and ((seeds["arm"] == changed) & (seeds["seed"] == s)).any()] if len(seeds) else []
+        done, a, b, r, val = paired(seeds, ref, changed, proto.ablation_seeds, higher_is_better, proto)
         if not done:
             rows.append({"ablation": name, "reference": ref, "changed": changed, "verdict": "not run"})
             continue
-        a = seeds[seeds["arm"] == ref].set_index("seed").loc[done]
-        b = seeds[seeds["arm"] == changed].set_index("seed").loc[done]
-        r = compare_pair(a["test"].tolist(), b["test"].tolist(), higher_is_better, proto.margin, proto.margin_relative)
-        rows.append({"ablation": name, "reference": ref, "changed": changed, **r,
-                     "val_mean_diff": compare_pair(a["val"].tolist(), b["val"].tolist(), higher_is_better,
-                                                   proto.margin, proto.margin_relative)["mean_diff"],
+        rows.append({"ablation": name, "reference": ref, "changed": changed, **r, "val_mean_diff": val["mean_diff"],
                      "param_ratio": float(b["params"].mean() / a["params"].mean())})
     return pd.DataFrame(rows)
 
