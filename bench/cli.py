@@ -145,8 +145,12 @@ def cmd_sweep(a) -> None:
 
 
 def cmd_tune(a) -> None:
-    from bench.tune import run_tuning
-    print(f"wrote {run_tuning(a.params)}")
+    from bench.tune import run_tuning, tune_arm
+    if a.arm:   # one arm's study only (arms can run side by side); a later plain `bench tune` writes the files
+        rec = tune_arm(a.params, a.arm)
+        print(f"{a.arm}: {rec['trials']} trials, best {rec['metric']} {rec['best_value']:.4f} {rec['overrides']}")
+    else:
+        print(f"wrote {run_tuning(a.params)}")
 
 
 def cmd_verdict(a) -> None:
@@ -277,6 +281,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     q = sub.add_parser("tune", help="equal tuning budget per arm on validation (protocol.tune): results/<suite>/tuned.yaml")
     q.add_argument("params", help="a suite's params.yaml with a `protocol:` section")
+    q.add_argument("--arm", default=None, help="run (or continue) this tuned arm's study only, writing nothing "
+                   "else; a later `bench tune` without --arm finds it finished and writes tuned.yaml")
     q.set_defaults(func=cmd_tune)
 
     q = sub.add_parser("verdict", help="paired seed differences, bootstrap intervals and verdicts: results/<suite>/verdict.csv")

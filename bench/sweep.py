@@ -56,7 +56,7 @@ def _spec(raw: dict, params_path) -> dict:
     return spec
 
 
-def _distributions(space: dict, searchable: set, task: str, arch: str, params_path) -> dict:
+def search_distributions(space: dict, searchable: set, task: str, arch: str, params_path) -> dict:
     import optuna
     dists = {}
     for name, rng in space.items():
@@ -88,7 +88,7 @@ def _distributions(space: dict, searchable: set, task: str, arch: str, params_pa
     return dists
 
 
-def _overrides(params: dict) -> list[str]:
+def as_overrides(params: dict) -> list[str]:
     out = []
     for k, v in params.items():
         if isinstance(v, str) and v.startswith("["):
@@ -112,7 +112,7 @@ def run_sweep(params_path: str | Path, study_name: str | None = None, trials: in
     raw = read_params(params_path)
     spec = _spec(raw, params_path)
     arm = spec.get("arm") or next(iter(raw.get("arms") or {}), None)
-    base = load_config(params_path, arm, _overrides(spec.get("overrides") or {}))
+    base = load_config(params_path, arm, as_overrides(spec.get("overrides") or {}))
     suite = base.suite
     n_trials = int(trials or spec.get("trials", 8))
     seeds = [int(s) for s in spec.get("seeds", [base.train.seed])]
@@ -125,7 +125,7 @@ def run_sweep(params_path: str | Path, study_name: str | None = None, trials: in
                               "(trials are scored on the validation split; test is sealed during a sweep)")
     directions = ["maximize" if (o == selection_metric and task_cls.higher_is_better) else "minimize" for o in objectives]
     searchable = set(SEARCHABLE) | set(spec.get("searchable") or [])
-    dists = _distributions(spec["space"], searchable, base.task, base.model["arch"], params_path)
+    dists = search_distributions(spec["space"], searchable, base.task, base.model["arch"], params_path)
     study_name = study_name or suite
     fingerprint = json.dumps({"space": spec["space"], "objectives": objectives, "arm": arm,
                               "overrides": spec.get("overrides") or {}, "seeds": seeds}, sort_keys=True)
@@ -184,7 +184,7 @@ def run_sweep(params_path: str | Path, study_name: str | None = None, trials: in
             log(f"sweep {study_name}: trial {trial.number} discarded (same params as a finished trial)")
             continue
         try:
-            cfgs = [load_config(params_path, arm, _overrides(spec.get("overrides") or {}) + _overrides(params)
+            cfgs = [load_config(params_path, arm, as_overrides(spec.get("overrides") or {}) + as_overrides(params)
                                 + [f"train.seed={s}"]) for s in seeds]
         except ConfigError as e:  # e.g. a layer distribution that does not fit the sampled B
             study._storage.set_trial_user_attr(trial._trial_id, "invalid", str(e))

@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import time
 import warnings
 from pathlib import Path
 
@@ -30,7 +31,7 @@ from bench import atomic
 from bench.config import ConfigError, TUNED_KEY, load_config, read_params, tuned_path
 from bench.protocol import load_protocol
 from bench.splits import metric_on, selection
-from bench.sweep import _distributions, _overrides
+from bench.sweep import as_overrides, search_distributions
 
 
 def tuned_arms(params_path) -> list[str]:
@@ -51,6 +52,21 @@ def _study_name(suite: str, arm: str, space: dict, spec) -> str:
     return f"{suite}-{arm}-{hashlib.sha1(blob.encode()).hexdigest()[:8]}"
 
 
+def _open_study(optuna, name: str, db: Path, maximize: bool, seed: int):
+    """The study `name` in `db`, created if new.  Two `bench tune --arm` started together race to
+    create the database's schema; the loser's IntegrityError is retried once the winner is done."""
+    import sqlalchemy.exc
+    for attempt in range(5):
+        try:
+            return optuna.create_study(study_name=name, storage=f"sqlite:///{db}", load_if_exists=True,
+                                       direction="maximize" if maximize else "minimize",
+                                       sampler=optuna.samplers.TPESampler(seed=seed))
+        except sqlalchemy.exc.IntegrityError:
+            if attempt == 4:
+                raise
+            time.sleep(1 + attempt)
+
+
 def tune_arm(params_path, arm: str, log=print) -> dict:
     """Run (or continue) the arm's study; return its record for tuned.yaml."""
     import optuna
@@ -61,18 +77,15 @@ def tune_arm(params_path, arm: str, log=print) -> dict:
 
     proto = load_protocol(params_path)
     spec = proto.tune
-    base = load_config(params_path, arm, _overrides(spec.overrides), tuning=True)
+    base = load_config(params_path, arm, as_overrides(spec.overrides), tuning=True)
     task_cls = task_class(base.task)
     metric = metric_on(task_cls.metric, "val")
     space = _space(proto, base)
-    dists = _distributions(space, set(space), base.task, base.model["arch"], params_path)
+    dists = search_distributions(space, set(space), base.task, base.model["arch"], params_path)
     name = _study_name(proto.suite, arm, space, spec)
     root = Path(read_params(params_path).get("runs_dir", "runs")) / proto.suite / "tune"
     root.mkdir(parents=True, exist_ok=True)
-    study = optuna.create_study(
-        study_name=name, storage=f"sqlite:///{root / 'optuna.db'}", load_if_exists=True,
-        direction="maximize" if task_cls.higher_is_better else "minimize",
-        sampler=optuna.samplers.TPESampler(seed=spec.seed))
+    study = _open_study(optuna, name, root / "optuna.db", task_cls.higher_is_better, spec.seed)
     with warnings.catch_warnings():   # set_metric_names is marked experimental in Optuna 3/4
         warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
         study.set_metric_names([metric])
@@ -89,7 +102,7 @@ def tune_arm(params_path, arm: str, log=print) -> dict:
         log(f"tune {arm}: trial {t.number} was interrupted; its params are queued again")
     while len(finished()) < spec.trials:
         trial = study.ask(dists)
-        overrides = _overrides(spec.overrides) + _overrides(trial.params)
+        overrides = as_overrides(spec.overrides) + as_overrides(trial.params)
         try:
             cfg = load_config(params_path, arm, overrides, tuning=True)
         except ConfigError as e:
