@@ -110,6 +110,10 @@ def cmd_evaluate(a) -> None:
 
 
 def cmd_compare(a) -> None:
+    if a.relabel:
+        from bench.report_relabel import relabel
+        print(f"wrote {relabel(a.params)}")
+        return
     from bench.report import compare
     print(f"wrote {compare(a.params, a.results)}")
 
@@ -253,6 +257,8 @@ def build_parser() -> argparse.ArgumentParser:
     suite_cmd("evaluate", cmd_evaluate, "evaluate one arm's final weights on the test set")
     q = suite_cmd("compare", cmd_compare, "write results/<suite>/comparison.{csv,md} and plots", arm=False)
     q.add_argument("--results", default=None, help="results directory (default: results)")
+    q.add_argument("--relabel", action="store_true", help="without the runs: count the committed arms' training "
+                   "FLOPs and label results/<suite>/*.md with them (pre-protocol suites; bench/report_relabel.py)")
     q = sub.add_parser("memory", help="measured peak memory and step time of every arm (random input)")
     q.add_argument("params", help="a suite's params.yaml (its model and diffusion settings)")
     q.add_argument("--blocks", default="1,2,3,4,6", help="values of B (default 1,2,3,4,6)")

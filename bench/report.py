@@ -80,6 +80,18 @@ def collect(params_path: str | Path) -> tuple[pd.DataFrame, dict[str, pd.DataFra
     return table, curves, metric
 
 
+def flop_note(table: pd.DataFrame) -> str:
+    """What may be said about the arms' compute: "matched" only where every arm's counted training
+    FLOPs are within 10% of the e2e arm's."""
+    ratios = table["flop_ratio_to_e2e"].dropna() if "flop_ratio_to_e2e" in table else pd.Series(dtype=float)
+    if len(ratios) < len(table):
+        return "training FLOPs not counted for this task: compute not shown to be matched"
+    if bool(((ratios - 1).abs() <= 0.10).all()):
+        return "matched training compute: every arm within 10% of the e2e arm's FLOPs"
+    return ("training compute NOT matched: FLOP ratio to e2e " +
+            ", ".join(f"{a} {r:.2f}" for a, r in zip(table["arm"], ratios) if abs(r - 1) > 0.10))
+
+
 def plot_curves(curves: dict[str, pd.DataFrame], metric: str, path: Path, title: str) -> Path:
     import matplotlib
     matplotlib.use("Agg")
@@ -119,10 +131,7 @@ def compare(params_path: str | Path, results_dir: str | Path | None = None, note
     atomic.write_csv(out / "learning_curve.csv", along)
 
     device = table["device"].iloc[0]
-    matched = "flop_ratio_to_e2e" in table and bool(((table["flop_ratio_to_e2e"] - 1).abs() <= 0.10).all())
-    compute_note = ("matched training compute: every arm within 10% of the e2e arm's FLOPs" if matched else
-                    "training compute NOT matched: see `flop_ratio_to_e2e`" if "flop_ratio_to_e2e" in table else
-                    "training FLOPs not counted for this task")
+    compute_note = flop_note(table)
     md = [f"# {suite}: end-to-end vs DiffusionBlocks\n",
           f"Produced by `{_command()}` on {dt.date.today().isoformat()}, code {table['git_sha'].iloc[0]}, device: {device}.\n",
           notes.strip() + "\n" if notes else "",

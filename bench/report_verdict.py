@@ -43,9 +43,10 @@ CLAIMS = {
 MATCHED = 0.10   # "matched compute" is claimed only where the FLOP ratio is within 10%
 
 
-def arm_compute(cfg) -> dict:
+def arm_compute(cfg, steps: int | None = None) -> dict:
     """Training FLOPs (FlopCounterMode on one step of each block, times the steps that trained
-    it, replaying the run's own block draws) and the parameter count of an arm."""
+    it, replaying the run's own block draws) and the parameter count of an arm.  With `steps`
+    given (a run whose summary is gone), the blocks' expected shares steps / B are used."""
     import torch
 
     from bench import seeding
@@ -54,14 +55,15 @@ def arm_compute(cfg) -> dict:
     from bench.tasks import make_task
     from bench.train import Budget, build_model
 
-    summary = pd.read_csv(Path(cfg.out_dir) / "summary.csv").iloc[0]
-    steps = int(summary["optimizer_steps"])
+    replay = steps is None
+    if replay:
+        steps = int(pd.read_csv(Path(cfg.out_dir) / "summary.csv").iloc[0]["optimizer_steps"])
     task = make_task(cfg)
     torch.manual_seed(0)
     model = build_model(cfg, task)
     per_step = step_flops(cfg, task, model, torch.device("cpu"))
     counts = None
-    if cfg.is_dblocks:
+    if cfg.is_dblocks and replay:
         sampler = BlockSampler(cfg.diffusion.num_blocks, seeding.stream_seed(cfg.train.seed, "block"))
         counts = np.bincount([sampler.sample() for _ in range(steps)], minlength=cfg.diffusion.num_blocks).tolist()
     return {"train_flops": run_flops(cfg, per_step, Budget(0, 0, steps, 0), counts),
