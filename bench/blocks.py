@@ -180,9 +180,16 @@ class BlockOptimizer:
         for o in self.optimizers:
             o.zero_grad(set_to_none=True)
 
-    def step(self) -> None:
+    def unscale(self, scaler) -> None:
+        """fp16: undo the GradScaler's factor before clipping."""
         for o in self.resident_optimizers():
-            o.step()
+            scaler.unscale_(o)
+
+    def step(self, scaler=None) -> None:
+        for o in self.resident_optimizers():
+            scaler.step(o) if scaler else o.step()
+        if scaler:
+            scaler.update()
         with warnings.catch_warnings():  # a block's optimizer that has not stepped yet still follows the schedule
             warnings.filterwarnings("ignore", message=r"Detected call of `lr_scheduler\.step\(\)`")
             for s in self.schedulers:  # every schedule follows the global step

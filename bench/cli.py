@@ -95,11 +95,31 @@ def cmd_prepare(a) -> None:
     atomic.write_json(Path("runs") / raw_suite / "plan.json", plan)
 
 
+def torchrun_argv(nproc: int, argv: list[str]) -> list[str]:
+    """`bench train … --nproc N` as the torchrun command that runs it (without --nproc)."""
+    rest, skip = [], False
+    for arg in argv:
+        if skip:
+            skip = False
+        elif arg == "--nproc":
+            skip = True
+        elif not arg.startswith("--nproc="):
+            rest.append(arg)
+    return [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}",
+            "-m", "bench", *rest]
+
+
 def cmd_train(a) -> None:
     from bench.train import train
-    cfg = load_config(a.params, a.arm, a.set, seed=a.seed)
+    cfg = load_config(a.params, a.arm, a.set, seed=a.seed)   # bad params fail here, before any launch
+    if a.nproc > 1:
+        argv = torchrun_argv(a.nproc, sys.argv[1:])
+        print("launching: " + " ".join(argv[2:]), flush=True)
+        os.execv(sys.executable, argv)
     s = train(cfg, params_path=a.params, resume="auto" if a.resume_if_compatible else a.resume,
               progress=not a.no_progress)
+    if not s:   # a rank other than 0: rank 0 reports
+        return
     print(f"{cfg.suite}/{cfg.arm}: {s['metric']} {s[s['metric']]:.4f} after {s['optimizer_steps']} steps "
           f"({s['layer_evals']} layer evaluations, {s['train_time_s']:.0f} s); outputs in {cfg.out_dir}")
 
@@ -254,6 +274,8 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("--resume-if-compatible", action="store_true",
                    help="continue from ckpt.pt if it was made with the same params, else start afresh (DVC uses this)")
     q.add_argument("--no-progress", action="store_true")
+    q.add_argument("--nproc", type=int, default=1, help="data-parallel ranks on this machine: runs itself under "
+                   "torchrun (gloo on CPU, NCCL on CUDA); train.batch_size is the global batch")
     suite_cmd("evaluate", cmd_evaluate, "evaluate one arm's final weights on the test set")
     q = suite_cmd("compare", cmd_compare, "write results/<suite>/comparison.{csv,md} and plots", arm=False)
     q.add_argument("--results", default=None, help="results directory (default: results)")

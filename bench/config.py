@@ -27,6 +27,9 @@ MODES = ("e2e", "dblocks", "e2e+ckpt", "dblocks+ckpt")
 RESIDENCY = ("resident", "offload")
 
 
+PRECISIONS = ("fp32", "bf16", "fp16")
+
+
 class ConfigError(ValueError):
     """Bad user input, reported in one line before any compute."""
 
@@ -75,6 +78,18 @@ class TrainConfig:
     log_every: int = 50                # steps between logged losses
     ckpt_every: int = 500              # steps between checkpoints
     curve_points: int = 8              # test evaluations along training (learning curve)
+    precision: str = "fp32"            # fp32 | bf16 | fp16: autocast of the forward (fp16 with a GradScaler)
+    compile: bool = False              # torch.compile each residual layer (one block's layers run without recompiling)
+    ema: float = 0.0                   # EMA decay of the weights (0: off); saved and evaluated beside the raw ones
+
+    def __post_init__(self):
+        if self.precision not in PRECISIONS:
+            raise ConfigError(f"unknown train.precision {self.precision!r}; choose one of {', '.join(PRECISIONS)}")
+        if not 0.0 <= self.ema < 1.0:
+            raise ConfigError(f"train.ema is a decay in [0, 1) (0: off), got {self.ema}")
+        if self.ema and self.residency == "offload":
+            raise ConfigError("train.ema with train.residency offload is not supported: the EMA copy would keep "
+                              "every block on the device, which is what offload avoids")
 
 
 @dataclass

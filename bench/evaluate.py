@@ -28,12 +28,18 @@ def evaluate_arm(cfg: RunConfig, log=print) -> dict:
         torch.set_num_threads(cfg.train.threads)
     task.load()
     model = build_model(cfg, task).to(device)
-    model.load_state_dict(torch.load(final, map_location=device, weights_only=False)["model"])
-    # validation first (what any inference-variant choice reads), then test, the published figure
+    saved = torch.load(final, map_location=device, weights_only=False)
     result = {"arm": cfg.arm, "mode": cfg.mode, "seed": cfg.train.seed, "metric": task.metric,
-              "selection_metric": task.selection_metric, **task.evaluate(model, device, final=True, split="val")}
-    if not test_sealed():
-        result.update(task.evaluate(model, device, final=True, split="test"))
+              "selection_metric": task.selection_metric}
+    # the raw weights, then the EMA weights if the run kept them (train.ema): keys `…@ema`
+    for weights, suffix in [(saved["model"], "")] + ([(saved["ema"], "@ema")] if saved.get("ema") else []):
+        model.load_state_dict(weights)
+        # validation first (what any inference-variant choice reads), then test, the published figure
+        splits = ["val"] + ([] if test_sealed() else ["test"])
+        for split in splits:
+            scores = task.evaluate(model, device, final=True, split=split)
+            result.update({k + suffix if suffix and isinstance(v, float) else k: v for k, v in scores.items()
+                           if not suffix or isinstance(v, float)})
     log(f"{cfg.suite}/{cfg.arm}: " + ", ".join(f"{k} {v:.4f}" for k, v in result.items() if isinstance(v, float)))
     atomic.write_json(out / "eval.json", result)
     track.log_final(cfg.suite, cfg.arm, metrics=result)   # on the arm's MLflow run, as final/<key>

@@ -9,6 +9,7 @@ equal seed 0's step 7919).  One row per stream:
   block        which block trains next (BlockSampler)              no (one generator)
   noise        σ and ε draws of the loss (a CPU torch.Generator)   no (one generator)
   augment      augmentation / window offsets of each batch         per step
+  dropout      torch's global RNG after init, per rank (W > 1 only) per rank
 
 Evaluation noise is fixed by `eval.seed` and shared by every arm and seed, so two arms are
 scored on the same draws.
@@ -19,7 +20,7 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-STREAMS = ("init", "data_order", "block", "noise", "augment")
+STREAMS = ("init", "data_order", "block", "noise", "augment", "dropout")   # append only: an index is a seed
 
 
 def stream_seed(seed: int, stream: str, *key: int) -> int:

@@ -100,9 +100,9 @@ class Tracker:
     """A child run for one arm (or a no-op when tracking is off)."""
 
     def __init__(self, suite: str, run_name: str, params_path: str | Path | None, run_id: str | None = None,
-                 parent_run_id: str | None = None):
+                 parent_run_id: str | None = None, main_process: bool = True):
         self.run_id = None
-        if not enabled():
+        if not (main_process and enabled()):   # off: a no-op (BENCH_MLFLOW=0, or a rank other than 0)
             return
         mlflow = self._m = _mlflow()
         mlflow.set_experiment(suite)

@@ -31,7 +31,7 @@ import torch
 import yaml
 from tqdm import tqdm
 
-from bench import atomic, seeding, track
+from bench import atomic, distributed, parallelize, seeding, track
 from bench.blocks import BlockOptimizer, BlockSampler
 from bench.config import RunConfig
 from bench.data.images import EpochBatches
@@ -95,34 +95,43 @@ def curve_steps(budget: Budget, points: int) -> set[int]:
 # ---- one training step -------------------------------------------------------------------------
 def forward_loss(cfg: RunConfig, task: Task, model, batch, block: int | None,
                  generator: torch.Generator) -> tuple[torch.Tensor, dict, range]:
-    """The loss of one batch.  dblocks: `block`'s layers at σ drawn from that block's range;
-    e2e: all layers, at σ from the whole range if the task's baseline is a denoiser."""
-    n = cfg.train.batch_size
+    """The loss of one batch (this rank's rows of it).  dblocks: `block`'s layers at σ drawn from
+    that block's range; e2e: all layers, at σ from the whole range if the task's baseline is a
+    denoiser.  σ is drawn for the global batch and sliced (bench.distributed: rank-independent)."""
+    n, rows = cfg.train.batch_size, task.shard.rows(cfg.train.batch_size)
     if cfg.is_dblocks:
         layers = task.layout.layers_of(block)
-        sigma = task.partition.sample_training_sigma(block, n, generator)
+        sigma = task.partition.sample_training_sigma(block, n, generator)[rows]
     elif task.e2e_denoiser:
         layers = task.layout.all_layers()
-        sigma = task.full_range.sample_training_sigma(0, n, generator)
+        sigma = task.full_range.sample_training_sigma(0, n, generator)[rows]
     else:
         layers, sigma = task.layout.all_layers(), None
-    loss, extra = task.loss(model, batch, sigma=sigma, layers=layers, generator=generator)
-    return loss, extra, layers
+    device = batch[0].device if isinstance(batch, (tuple, list)) else batch.device
+    with parallelize.autocast(cfg, device):
+        loss, extra = task.loss(model, batch, sigma=sigma, layers=layers, generator=generator)
+    return loss.float(), extra, layers
 
 
-def backward_step(cfg: RunConfig, model, optimizer: BlockOptimizer, loss: torch.Tensor) -> torch.Tensor:
-    """Backward, clip the gradient norm, AdamW step, advance the schedule; returns the norm."""
+def backward_step(cfg: RunConfig, model, optimizer: BlockOptimizer, loss: torch.Tensor,
+                  env: distributed.DistEnv = distributed.DistEnv(), scaler=None) -> torch.Tensor:
+    """Backward, average the gradients over the ranks, clip the gradient norm, AdamW step,
+    advance the schedule; returns the norm."""
     optimizer.zero_grad()
-    loss.backward()
+    (scaler.scale(loss) if scaler else loss).backward()
+    distributed.average_gradients(env, model.parameters())
+    if scaler:
+        optimizer.unscale(scaler)
     grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.train.grad_clip)
-    optimizer.step()
+    optimizer.step(scaler)
     return grad_norm
 
 
 def make_optimizer(cfg: RunConfig, task: Task, model, device, budget: "Budget") -> BlockOptimizer:
+    extra = parallelize.adamw_kwargs(cfg, device)
     return BlockOptimizer(
         model, task.layout, cfg.train.residency if cfg.is_dblocks else "resident", device,
-        lambda params: torch.optim.AdamW(params, lr=cfg.train.lr, weight_decay=cfg.train.weight_decay),
+        lambda params: torch.optim.AdamW(params, lr=cfg.train.lr, weight_decay=cfg.train.weight_decay, **extra),
         lambda s: lr_factor(s, budget, cfg.train.lr, cfg.train.min_lr))
 
 
@@ -187,7 +196,13 @@ def train(cfg: RunConfig, params_path: str | Path | None = None, resume: bool | 
     ckpt_path = out / "ckpt.pt"
     if cfg.train.threads:
         torch.set_num_threads(cfg.train.threads)
-    device = resolve_device(cfg.train.device)
+    env = distributed.init(cfg.train.device)   # one process without a launcher (torchrun sets WORLD_SIZE)
+    if cfg.train.batch_size % env.world_size:
+        raise ValueError(f"train.batch_size {cfg.train.batch_size} (the global batch) does not split over "
+                         f"{env.world_size} ranks")
+    task.shard = env.shard
+    device = distributed.device_for(env, resolve_device(cfg.train.device))
+    parallelize.enable_cuda_speedups(device)
     task.load()
     budget = make_budget(cfg, task.num_train)
     seed = cfg.train.seed   # every stream below is its own child of SeedSequence(seed): bench/seeding.py
@@ -195,6 +210,11 @@ def train(cfg: RunConfig, params_path: str | Path | None = None, resume: bool | 
 
     torch.manual_seed(seeding.stream_seed(seed, "init"))
     model = build_model(cfg, task).to(device)
+    if env.active:   # dropout masks: distinct per rank (one process keeps the stream it always had)
+        torch.manual_seed(seeding.stream_seed(seed, "dropout", env.rank))
+    ema = parallelize.make_ema(model, cfg)       # before compiling: the EMA copy stays eager
+    parallelize.parallelize(model, cfg)
+    scaler = parallelize.make_scaler(cfg, device)
     optimizer = make_optimizer(cfg, task, model, device, budget)
     block_sampler = BlockSampler(cfg.diffusion.num_blocks, seeding.stream_seed(seed, "block"))
     noise_gen = seeding.generator(seed, "noise")   # σ and ε draws
@@ -218,6 +238,10 @@ def train(cfg: RunConfig, params_path: str | Path | None = None, resume: bool | 
         if "residency" not in opt_state:  # a checkpoint from before per-block optimizers: one AdamW
             opt_state = {"residency": "resident", "optimizers": [opt_state], "schedulers": [ckpt["scheduler"]]}
         optimizer.load_state_dict(opt_state)
+        if ema is not None:
+            ema.load_state_dict(ckpt["ema"])
+        if scaler is not None:
+            scaler.load_state_dict(ckpt["scaler"])
         block_sampler.load_state_dict(ckpt["block_sampler"])
         noise_gen.set_state(ckpt["noise_rng"])
         torch.set_rng_state(ckpt["torch_rng"])
@@ -228,35 +252,43 @@ def train(cfg: RunConfig, params_path: str | Path | None = None, resume: bool | 
     elif resume is True:
         log(f"--resume: no checkpoint at {ckpt_path}; starting afresh")
 
-    prov = track.provenance(device)
-    atomic.write_text(out / "params.yaml", yaml.safe_dump({**cfg.to_dict(), "provenance": prov,
-                                                          "budget": budget.__dict__}, sort_keys=False))
-    tracker = track.Tracker(cfg.suite, cfg.arm, params_path, run_id=state["mlflow_run_id"], parent_run_id=parent_run_id)
+    prov = {**track.provenance(device), "world_size": env.world_size}
+    if env.is_main:   # rank 0 alone writes files and MLflow; the other ranks train and wait at barriers
+        atomic.write_text(out / "params.yaml", yaml.safe_dump({**cfg.to_dict(), "provenance": prov,
+                                                              "budget": budget.__dict__}, sort_keys=False))
+    tracker = track.Tracker(cfg.suite, cfg.arm, params_path, run_id=state["mlflow_run_id"], parent_run_id=parent_run_id,
+                            main_process=env.is_main)
     state["mlflow_run_id"] = tracker.run_id
     if state["step"] == 0:
         tracker.log_params({**cfg.to_dict(), "budget": budget.__dict__})
         tracker.set_tags({"bench.arm": cfg.arm, "bench.mode": cfg.mode, **{f"bench.{k}": v for k, v in prov.items()}})
 
     def save_checkpoint() -> None:
-        with optimizer.materialize():
-            weights, opt_state = model.state_dict(), optimizer.state_dict()
-            atomic.torch_save(ckpt_path, {
-                "config": cfg.to_dict(), "model": weights, "optimizer": opt_state,
-                "block_sampler": block_sampler.state_dict(),
-            "noise_rng": noise_gen.get_state(), "torch_rng": torch.get_rng_state(),
-                "cuda_rng": torch.cuda.get_rng_state(device) if device.type == "cuda" else None, "state": state})
+        if env.is_main:   # every rank holds the same state (bench.distributed), so one file resumes them all
+            with optimizer.materialize():
+                weights, opt_state = model.state_dict(), optimizer.state_dict()
+                atomic.torch_save(ckpt_path, {
+                    "config": cfg.to_dict(), "model": weights, "optimizer": opt_state,
+                    "ema": ema.state_dict() if ema is not None else None,
+                    "scaler": scaler.state_dict() if scaler is not None else None,
+                    "block_sampler": block_sampler.state_dict(),
+                    "noise_rng": noise_gen.get_state(), "torch_rng": torch.get_rng_state(),
+                    "cuda_rng": torch.cuda.get_rng_state(device) if device.type == "cuda" else None, "state": state})
+        distributed.barrier(env)
 
     evals_at = curve_steps(budget, cfg.train.curve_points)
     pending: list[tuple[str, float, int]] = []   # per-step metrics, flushed to MLflow in batches
     window: dict[str, list[float]] = {}
     model.train()
-    bar = tqdm(total=budget.total_steps, initial=state["step"], disable=not progress,
+    bar = tqdm(total=budget.total_steps, initial=state["step"], disable=not (progress and env.is_main),
                desc=f"{cfg.suite}/{cfg.arm}", unit="step", dynamic_ncols=True)
     try:
         while state["step"] < budget.total_steps:
             step = state["step"]
             task.step = step
-            batch = task.batch(batches.indices(step), seed=seeding.stream_seed(seed, "augment", step), device=device)
+            # the global batch, then this rank's rows (augmentation applied before the slice)
+            batch = env.shard.take(task.batch(batches.indices(step), seed=seeding.stream_seed(seed, "augment", step),
+                                              device=device))
             block = block_sampler.sample() if cfg.is_dblocks else None
             # memory is measured once per block (its first step after two warm-up steps)
             meter_key = "all" if block is None else f"block{block}"
@@ -267,7 +299,7 @@ def train(cfg: RunConfig, params_path: str | Path | None = None, resume: bool | 
             if meter:
                 meter.__enter__()
             loss, extra, layers = forward_loss(cfg, task, model, batch, block, noise_gen)
-            if not torch.isfinite(loss):
+            if not distributed.all_finite(env, loss):   # every rank stops together
                 if meter:
                     meter.__exit__(None, None, None)
                 raise NonFiniteLoss(
@@ -277,7 +309,9 @@ def train(cfg: RunConfig, params_path: str | Path | None = None, resume: bool | 
                     + (f"{ckpt_path} (step {torch.load(ckpt_path, weights_only=False)['state']['step']})"
                        if ckpt_path.exists() else "none yet")
                     + ". Lower train.lr or raise train.warmup_epochs, then rerun with --resume")
-            grad_norm = backward_step(cfg, model, optimizer, loss)
+            grad_norm = backward_step(cfg, model, optimizer, loss, env, scaler)
+            if ema is not None:
+                ema.update_parameters(model)
             if meter:
                 meter.__exit__(None, None, None)
                 report = meter.report()
@@ -306,9 +340,12 @@ def train(cfg: RunConfig, params_path: str | Path | None = None, resume: bool | 
                 tracker.log_metric_batch(pending)
                 pending, window = [], {}
                 bar.set_postfix(loss=f"{row['train/loss']:.3g}")
-            if step in evals_at:
+            if step in evals_at and not env.is_main:
+                distributed.barrier(env)   # rank 0 evaluates
+            elif step in evals_at:
                 with optimizer.materialize():
                     metrics = curve_metrics(task, model, device)
+                distributed.barrier(env)
                 point = {"step": step, "layer_evals": state["layer_evals"],
                          "epochs_equiv": state["layer_evals"] / (budget.steps_per_epoch * task.layout.depth),
                          "train_time_s": state["train_time"], **metrics}
@@ -327,6 +364,9 @@ def train(cfg: RunConfig, params_path: str | Path | None = None, resume: bool | 
         tracker.end("FAILED" if isinstance(e, NonFiniteLoss) else "KILLED")
         raise
     bar.close()
+    if not env.is_main:
+        distributed.barrier(env)   # rank 0 writes the results
+        return {}
 
     # ---- results --------------------------------------------------------------------------
     final = state["history"][-1]
@@ -346,7 +386,8 @@ def train(cfg: RunConfig, params_path: str | Path | None = None, resume: bool | 
         "device": prov["device_name"], "git_sha": prov["git_sha"], "seed": cfg.train.seed,
     }
     with optimizer.materialize():
-        atomic.torch_save(out / "final.pt", {"config": cfg.to_dict(), "model": model.state_dict(), "summary": summary})
+        atomic.torch_save(out / "final.pt", {"config": cfg.to_dict(), "model": model.state_dict(), "summary": summary,
+                                             **({"ema": ema.module.state_dict()} if ema is not None else {})})
     atomic.write_csv(out / "history.csv", pd.DataFrame(state["history"]))
     atomic.write_csv(out / "log.csv", pd.DataFrame(state["log"]))
     atomic.write_csv(out / "summary.csv", pd.DataFrame([summary]))
@@ -355,4 +396,5 @@ def train(cfg: RunConfig, params_path: str | Path | None = None, resume: bool | 
     for name in ("summary.csv", "history.csv", "params.yaml"):
         tracker.log_artifact(out / name)
     tracker.end()
+    distributed.barrier(env)
     return summary

@@ -277,11 +277,13 @@ class AutoregressiveTask(LMGeneration, TextTask):
             return ce, {"ce": ce.detach()}
         N, T = target.shape
         if self.sigma_per == "token":           # the trainer's σ for the first token, fresh draws (same block) after
-            more = self.partition.sample_training_sigma(self.block_of_layers(layers), N * (T - 1), generator)
-            sigma = torch.cat([sigma[:, None], more.view(N, T - 1)], dim=1)
+            block = self.block_of_layers(layers)
+            more = self.shard.draw(lambda shape, generator: self.partition.sample_training_sigma(
+                block, shape[0] * shape[1], generator).view(shape), (N, T - 1), generator)
+            sigma = torch.cat([sigma[:, None], more], dim=1)
         sigma = sigma.to(x.device, torch.float32)
         y = model.clean_embed(target)
-        eps = torch.randn(y.shape, generator=generator).to(y.device)   # CPU generator: same draws on any device
+        eps = self.shard.draw(torch.randn, y.shape, generator).to(y.device)   # CPU generator: same draws on any device
         z = y + (sigma[:, None, None] if sigma.dim() == 1 else sigma[..., None]) * eps
         logits = self.denoise_logits(model, clean, z, torch.arange(1, T + 1), sigma, layers)
         ce = M.token_nll(logits, target)                                # (N, T)

@@ -19,6 +19,7 @@ import torch
 from bench.blocks import BlockLayout, make_layout
 from bench.config import DataConfig, EvalConfig, RunConfig, model_config
 from bench.diffusion import LogNormalNoise, Partition, make_partition
+from bench.distributed import Shard
 from bench.splits import metric_on, open_test
 
 SPLITS = ("val", "test")
@@ -41,6 +42,9 @@ class Task:
     def __init__(self, cfg: RunConfig):
         self.cfg = cfg
         self.step = 0  # set by the trainer before each training step
+        # this rank's rows of the global batch (bench.distributed): training draws go through
+        # self.shard.draw, so they do not depend on the number of ranks
+        self.shard = Shard()
         d = cfg.diffusion
         self.noise = LogNormalNoise(d.P_mean, d.P_std, d.sigma_min, d.sigma_max, d.sigma_data)
         self.partition = self.make_partition(d.num_blocks, d.gamma)

@@ -148,7 +148,7 @@ class ClassificationTask(Task):
             return ce, {"ce": ce.detach()}
         sigma = sigma.to(images.device, torch.float32)
         y = F.normalize(model.label_embed(labels), dim=-1)
-        eps = torch.randn(y.shape, generator=generator).to(y.device)  # CPU generator: same draws on any device
+        eps = self.shard.draw(torch.randn, y.shape, generator).to(y.device)  # CPU generator: same draws on any device
         z = y + sigma[:, None] * eps
         logits = self.logits(model, images, z, sigma, layers)
         ce = F.cross_entropy(logits, labels, reduction="none")

@@ -293,8 +293,8 @@ class GenerationTask(Task):
     def loss(self, model, batch, *, sigma, layers, generator=None):
         y, labels = batch
         sigma = sigma.to(y.device, torch.float32)
-        eps = torch.randn(y.shape, generator=generator).to(y.device)    # CPU generator: same on any device
-        drop = torch.rand(len(labels), generator=generator).to(y.device) < self.cfg.data.label_dropout
+        eps = self.shard.draw(torch.randn, y.shape, generator).to(y.device)   # CPU generator: same on any device
+        drop = self.shard.draw(torch.rand, (len(labels),), generator).to(y.device) < self.cfg.data.label_dropout
         labels = torch.where(drop, torch.full_like(labels, self.mcfg.num_classes), labels)
         D = self.denoise(model, y + sigma.view(-1, 1, 1, 1) * eps, sigma, labels, layers)
         l2 = ((D - y) ** 2).flatten(1).mean(1)

@@ -168,7 +168,8 @@ class MaskedLMTask(TextTask):
     def loss(self, model, batch, *, sigma, layers: range, generator=None) -> tuple[torch.Tensor, dict]:
         """Eq. 8 for a batch at the given t's (the trainer's `sigma`), in nats per token."""
         x, t = batch, sigma
-        z, masked = mask_tokens(x, t, self.schedule, self.mask_id, generator)
+        u = self.shard.draw(torch.rand, x.shape, generator, dtype=torch.float64)
+        z, masked = mask_tokens(x, t, self.schedule, self.mask_id, u=u)
         ce = masked_ce_sum(model(z, t, layers), x, masked)
         n_masked = masked.sum().clamp_min(1)
         if self.cfg.diffusion.weighting == "uniform":

@@ -120,16 +120,17 @@ class RecurrentTask(AutoregressiveTask):
         N, T = target.shape
         if sigma is None:                              # e2e: the truncated-BPTT recurrence
             r = self.step_recurrence(self.step)
-            s0 = torch.randn((N, T, self.mcfg.hidden), generator=generator).to(x.device) * self.mcfg.state_std
+            s0 = self.shard.draw(torch.randn, (N, T, self.mcfg.hidden), generator).to(x.device) * self.mcfg.state_std
             ce = M.token_nll(model(clean, r, s0, bptt=self.mcfg.bptt), target).mean()
             m = self.mcfg  # the trainer counts compute with the layers this recurrence really ran
             return ce, {"ce": ce.detach(), "layer_evals": m.prelude + m.core * r + m.coda}
         if self.sigma_per == "token":
-            more = self.partition.sample_training_sigma(0, N * (T - 1), generator)
-            sigma = torch.cat([sigma[:, None], more.view(N, T - 1)], dim=1)
+            more = self.shard.draw(lambda shape, generator: self.partition.sample_training_sigma(
+                0, shape[0] * shape[1], generator).view(shape), (N, T - 1), generator)
+            sigma = torch.cat([sigma[:, None], more], dim=1)
         sigma = sigma.to(x.device, torch.float32)
         y = model.clean_embed(target)
-        eps = torch.randn(y.shape, generator=generator).to(y.device)
+        eps = self.shard.draw(torch.randn, y.shape, generator).to(y.device)
         z = y + (sigma[:, None, None] if sigma.dim() == 1 else sigma[..., None]) * eps
         e, rope = model.context(clean)
         ce = M.token_nll(self.recurrent_logits(model, e, rope, z, sigma), target)
