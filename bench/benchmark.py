@@ -92,7 +92,7 @@ class _KeepGrads:
     def zero_grad(self) -> None:
         pass
 
-    def step(self) -> None:
+    def step(self, scaler=None) -> None:
         self.optimizer.step()
 
 
@@ -162,6 +162,8 @@ def measure(cfg: RunConfig, device: torch.device, time_steps: int = 3, first_blo
         n_params = sum(p.numel() for p in model.parameters())
     return {"peak_bytes": peak.peak_bytes, **{c: getattr(peak, c) for c in COMPONENTS},
             "host_parked_bytes": peak.host_parked_bytes, "allocator_peak_bytes": peak.allocator_peak_bytes,
+            "allocator_reserved_bytes": peak.allocator_reserved_bytes, "allocator_retries": peak.allocator_retries,
+            "allocator_ooms": peak.allocator_ooms, "meter_to_allocator": peak.meter_to_allocator,
             "median_step_s": statistics.median(times) if times else float("nan"), "parameters_count": n_params}
 
 

@@ -41,8 +41,8 @@ def suites_with_checks(root: str | Path = "suites") -> list[Path]:
     return sorted(p for p in Path(root).glob("*/params.yaml") if "check" in (read_params(p) or {}))
 
 
-def measure_suite(params_path: str | Path, log=print) -> tuple[str, dict]:
-    """Run the suite's check configuration; {arm: {figure: value}}."""
+def measure_suite(params_path: str | Path, log=print, extra: list[str] = ()) -> tuple[str, dict]:
+    """Run the suite's check configuration (plus `extra` overrides); {arm: {figure: value}}."""
     from bench.tasks import make_task
     from bench.train import train
     raw = read_params(params_path)
@@ -51,7 +51,7 @@ def measure_suite(params_path: str | Path, log=print) -> tuple[str, dict]:
         raise ConfigError(f"`check:` in {params_path} must be a mapping")
     arms = spec.get("arms") or arm_names(params_path)
     overrides = [f"{k}={json.dumps(v) if isinstance(v, list) else v}" for k, v in (spec.get("overrides") or {}).items()]
-    overrides += ["train.log_every=1", "train.curve_points=1"]
+    overrides += ["train.log_every=1", "train.curve_points=1", *extra]
     figures, suite = {}, None
     os.environ["BENCH_MLFLOW"] = "0"  # checks leave no runs in the user's store
     for arm in arms:

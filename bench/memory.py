@@ -47,6 +47,16 @@ class MemoryReport:
     allocator_peak_bytes: int   # CUDA allocator's peak during the step; -1 on CPU
     rss_peak_bytes: int         # process peak RSS so far (whole process; upper bound)
     host_parked_bytes: int = 0  # offload: inactive blocks' weights and Adam state parked on the host
+    # CUDA only (-1 on CPU), the figures torchtitan's DeviceMemoryMonitor records: the allocator's
+    # reserved peak, and its cudaMalloc retries and OOMs during the step
+    allocator_reserved_bytes: int = -1
+    allocator_retries: int = -1
+    allocator_ooms: int = -1
+
+    @property
+    def meter_to_allocator(self) -> float:
+        """The meter's peak over the allocator's (CUDA; NaN on CPU): 1 when the meter sees every byte."""
+        return self.peak_bytes / self.allocator_peak_bytes if self.allocator_peak_bytes > 0 else float("nan")
 
     def to_dict(self, prefix: str = "") -> dict:
         return {prefix + k: v for k, v in asdict(self).items()}
@@ -128,6 +138,8 @@ class MemoryMeter(TorchDispatchMode):
         if self.device.type == "cuda":
             torch.cuda.synchronize(self.device)
             torch.cuda.reset_peak_memory_stats(self.device)
+            stats = torch.cuda.memory_stats(self.device)   # retries and OOMs are cumulative counters
+            self._cuda_start = (int(stats.get("num_alloc_retries", 0)), int(stats.get("num_ooms", 0)))
         return super().__enter__()
 
     def __exit__(self, *exc):
@@ -158,9 +170,15 @@ class MemoryMeter(TorchDispatchMode):
             "optimizer_state": sum(self._live[s] for s in self._peak_ids & (state - params - grads)),
         }
         parts["activations"] = self.peak - sum(parts.values())
-        alloc = torch.cuda.max_memory_allocated(self.device) if self.device.type == "cuda" else -1
-        return MemoryReport(str(self.device), self.peak, allocator_peak_bytes=alloc,
-                            rss_peak_bytes=peak_rss_bytes(), **parts)
+        cuda = {}
+        if self.device.type == "cuda":
+            stats = torch.cuda.memory_stats(self.device)
+            cuda = {"allocator_peak_bytes": torch.cuda.max_memory_allocated(self.device),
+                    "allocator_reserved_bytes": torch.cuda.max_memory_reserved(self.device),
+                    "allocator_retries": int(stats.get("num_alloc_retries", 0)) - self._cuda_start[0],
+                    "allocator_ooms": int(stats.get("num_ooms", 0)) - self._cuda_start[1]}
+        return MemoryReport(str(self.device), self.peak, allocator_peak_bytes=cuda.pop("allocator_peak_bytes", -1),
+                            rss_peak_bytes=peak_rss_bytes(), **cuda, **parts)
 
 
 def peak_rss_bytes() -> int:
