@@ -63,13 +63,17 @@ class BlockSampler:
     """Uniform choice of the block to train at each step (paper App. E; official code).
 
     Has its own generator so that a resumed run draws the same blocks as an uninterrupted one.
+    `allowed` restricts the choice (train.blocks_to_train; one block: always that block).
     """
 
-    def __init__(self, num_blocks: int, seed: int):
+    def __init__(self, num_blocks: int, seed: int, allowed: Sequence[int] = ()):
         self.num_blocks = num_blocks
+        self.allowed = list(allowed)
         self.generator = torch.Generator().manual_seed(seed)
 
     def sample(self) -> int:
+        if self.allowed:
+            return self.allowed[int(torch.randint(len(self.allowed), (1,), generator=self.generator))]
         return int(torch.randint(self.num_blocks, (1,), generator=self.generator))
 
     def state_dict(self) -> dict:

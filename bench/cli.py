@@ -111,6 +111,8 @@ def torchrun_argv(nproc: int, argv: list[str]) -> list[str]:
 
 def cmd_train(a) -> None:
     from bench.train import train
+    if a.block_parallel:
+        a.set = [*(a.set or []), "train.block_parallel=true"]
     cfg = load_config(a.params, a.arm, a.set, seed=a.seed)   # bad params fail here, before any launch
     if a.nproc > 1:
         argv = torchrun_argv(a.nproc, sys.argv[1:])
@@ -276,6 +278,8 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("--no-progress", action="store_true")
     q.add_argument("--nproc", type=int, default=1, help="data-parallel ranks on this machine: runs itself under "
                    "torchrun (gloo on CPU, NCCL on CUDA); train.batch_size is the global batch")
+    q.add_argument("--block-parallel", action="store_true", help="dblocks: ranks grouped by block (B × dp of them), "
+                   "each group trains only its block; rank 0 assembles final.pt (bench/parallel.py)")
     suite_cmd("evaluate", cmd_evaluate, "evaluate one arm's final weights on the test set")
     q = suite_cmd("compare", cmd_compare, "write results/<suite>/comparison.{csv,md} and plots", arm=False)
     q.add_argument("--results", default=None, help="results directory (default: results)")

@@ -81,12 +81,22 @@ class TrainConfig:
     precision: str = "fp32"            # fp32 | bf16 | fp16: autocast of the forward (fp16 with a GradScaler)
     compile: bool = False              # torch.compile each residual layer (one block's layers run without recompiling)
     ema: float = 0.0                   # EMA decay of the weights (0: off); saved and evaluated beside the raw ones
+    blocks_to_train: list = field(default_factory=list)   # dblocks: train only these blocks ([]: all)
+    block_parallel: bool = False       # dblocks under torchrun: B × dp ranks, each group trains its block (bench/parallel.py)
+    shared: str = "allreduce"          # block-restricted runs: the shared modules' policy, allreduce | frozen
+    shared_warmup_epochs: float = 0.0  # shared: frozen: e2e epochs before the shared modules freeze
 
     def __post_init__(self):
         if self.precision not in PRECISIONS:
             raise ConfigError(f"unknown train.precision {self.precision!r}; choose one of {', '.join(PRECISIONS)}")
         if not 0.0 <= self.ema < 1.0:
             raise ConfigError(f"train.ema is a decay in [0, 1) (0: off), got {self.ema}")
+        if self.shared not in ("allreduce", "frozen"):
+            raise ConfigError(f"unknown train.shared {self.shared!r}; choose allreduce or frozen")
+        if self.shared_warmup_epochs < 0:
+            raise ConfigError(f"train.shared_warmup_epochs must be >= 0, got {self.shared_warmup_epochs}")
+        if self.block_parallel and self.blocks_to_train:
+            raise ConfigError("train.block_parallel assigns each rank group its block: leave train.blocks_to_train empty")
         if self.ema and self.residency == "offload":
             raise ConfigError("train.ema with train.residency offload is not supported: the EMA copy would keep "
                               "every block on the device, which is what offload avoids")
@@ -336,6 +346,11 @@ def validate(cfg: RunConfig) -> None:
             raise ConfigError(f"train.{name} must be >= 1, got {getattr(t, name)}")
     if cfg.eval.batch_size < 1:
         raise ConfigError(f"eval.batch_size must be >= 1, got {cfg.eval.batch_size}")
+    if (t.blocks_to_train or t.block_parallel) and not cfg.is_dblocks:
+        raise ConfigError(f"train.blocks_to_train / train.block_parallel need a dblocks arm; {cfg.arm!r} is {cfg.mode}")
+    bad = [b for b in t.blocks_to_train if not (isinstance(b, int) and 0 <= b < d.num_blocks)]
+    if bad or len(set(t.blocks_to_train)) < len(t.blocks_to_train):
+        raise ConfigError(f"train.blocks_to_train must list distinct blocks in 0..{d.num_blocks - 1}, got {t.blocks_to_train}")
     if t.epochs <= 0 or t.lr <= 0:
         raise ConfigError(f"train.epochs and train.lr must be positive, got {t.epochs} and {t.lr}")
     try:

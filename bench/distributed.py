@@ -64,9 +64,12 @@ class Shard:
 
 @dataclass(frozen=True)
 class DistEnv:
+    """A set of ranks that train together: the whole world, or one block's data-parallel group
+    (bench.parallel), whose collectives run on `group` (None: the default, whole-world group)."""
     rank: int = 0
     local_rank: int = 0
     world_size: int = 1
+    group: object = None
 
     @property
     def is_main(self) -> bool:
@@ -104,12 +107,13 @@ def device_for(env: DistEnv, device: torch.device) -> torch.device:
 def barrier(env: DistEnv) -> None:
     if env.active:
         import torch.distributed as dist
-        dist.barrier()
+        dist.barrier(group=env.group)
 
 
 def average_gradients(env: DistEnv, params) -> None:
-    """Average the gradients that exist over the ranks, in one flat all-reduce.  Every rank has
-    the same set (the same block trains everywhere), so the flat buffers line up."""
+    """Average the gradients that exist over env's ranks, in one flat all-reduce.  Every rank has
+    the same set (the same block trains everywhere; the shared modules in block-parallel), so the
+    flat buffers line up."""
     if not env.active:
         return
     import torch.distributed as dist
@@ -117,7 +121,7 @@ def average_gradients(env: DistEnv, params) -> None:
     if not grads:
         return
     flat = torch.cat([g.reshape(-1) for g in grads])
-    dist.all_reduce(flat)
+    dist.all_reduce(flat, group=env.group)
     flat /= env.world_size
     offset = 0
     for g in grads:
@@ -130,8 +134,18 @@ def all_finite(env: DistEnv, loss: torch.Tensor) -> bool:
     ok = torch.tensor(float(torch.isfinite(loss.detach()).all()), device=loss.device)
     if env.active:
         import torch.distributed as dist
-        dist.all_reduce(ok, op=dist.ReduceOp.MIN)
+        dist.all_reduce(ok, op=dist.ReduceOp.MIN, group=env.group)
     return bool(ok.item())
+
+
+def all_equal(env: DistEnv, value: int) -> bool:
+    """Whether every rank of env holds the same integer (e.g. the step it resumes from)."""
+    if not env.active:
+        return True
+    import torch.distributed as dist
+    t = torch.tensor([value, -value], dtype=torch.int64)
+    dist.all_reduce(t, op=dist.ReduceOp.MAX, group=env.group)
+    return int(t[0]) == value and int(t[1]) == -value
 
 
 def shutdown(env: DistEnv) -> None:

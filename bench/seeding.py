@@ -10,6 +10,9 @@ equal seed 0's step 7919).  One row per stream:
   noise        σ and ε draws of the loss (a CPU torch.Generator)   no (one generator)
   augment      augmentation / window offsets of each batch         per step
   dropout      torch's global RNG after init, per rank (W > 1 only) per rank
+  blocks       a block-restricted run's root for data_order, block,
+               noise and augment (train.blocks_to_train: its own
+               streams per block, the same in block-parallel)       no
 
 Evaluation noise is fixed by `eval.seed` and shared by every arm and seed, so two arms are
 scored on the same draws.
@@ -20,7 +23,7 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-STREAMS = ("init", "data_order", "block", "noise", "augment", "dropout")   # append only: an index is a seed
+STREAMS = ("init", "data_order", "block", "noise", "augment", "dropout", "blocks")   # append only: an index is a seed
 
 
 def stream_seed(seed: int, stream: str, *key: int) -> int:

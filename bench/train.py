@@ -20,22 +20,23 @@ A run leaves in its out_dir (timm style): params.yaml (resolved config + provena
 
 from __future__ import annotations
 
+import contextlib
 import math
-import statistics
 import time
 from dataclasses import dataclass
 from pathlib import Path
 
-import pandas as pd
 import torch
 import yaml
 from tqdm import tqdm
 
-from bench import atomic, distributed, parallelize, seeding, track
+from bench import atomic, checkpoint, distributed, parallel, parallelize, results, seeding, track
 from bench.blocks import BlockOptimizer, BlockSampler
 from bench.config import RunConfig
 from bench.data.images import EpochBatches
 from bench.memory import MemoryMeter
+from bench.parallel import GradSync
+from bench.steplog import StepLog
 from bench.splits import test_sealed
 from bench.tasks import make_task
 from bench.tasks.base import Task
@@ -73,7 +74,8 @@ def make_budget(cfg: RunConfig, num_train: int) -> Budget:
     spe = num_train // cfg.train.batch_size
     if spe < 1:
         raise ValueError(f"batch size {cfg.train.batch_size} is larger than the training set ({num_train})")
-    factor = cfg.diffusion.num_blocks if (cfg.is_dblocks and cfg.train.compute_match) else 1
+    # one dblocks step trains one block: B× the steps (a block-restricted run: one share per block it trains)
+    factor = (len(cfg.train.blocks_to_train) or cfg.diffusion.num_blocks) if (cfg.is_dblocks and cfg.train.compute_match) else 1
     e2e = max(1, round(cfg.train.epochs * spe))
     return Budget(spe, e2e, e2e * factor, round(cfg.train.warmup_epochs * spe) * factor)
 
@@ -113,18 +115,20 @@ def forward_loss(cfg: RunConfig, task: Task, model, batch, block: int | None,
     return loss.float(), extra, layers
 
 
-def backward_step(cfg: RunConfig, model, optimizer: BlockOptimizer, loss: torch.Tensor,
-                  env: distributed.DistEnv = distributed.DistEnv(), scaler=None) -> torch.Tensor:
-    """Backward, average the gradients over the ranks, clip the gradient norm, AdamW step,
-    advance the schedule; returns the norm."""
+def backward_step(cfg: RunConfig, model, optimizer: BlockOptimizer, loss: torch.Tensor, scaler=None,
+                  sync=None, clip_groups=None) -> torch.Tensor:
+    """Backward, `sync()` (the gradient averaging across ranks: GradSync), clip the gradient norm
+    (of all parameters, or of each of `clip_groups` apart), AdamW step, advance the schedule;
+    returns the norm (the largest of the groups')."""
     optimizer.zero_grad()
     (scaler.scale(loss) if scaler else loss).backward()
-    distributed.average_gradients(env, model.parameters())
+    if sync is not None:
+        sync()
     if scaler:
         optimizer.unscale(scaler)
-    grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.train.grad_clip)
+    norms = [torch.nn.utils.clip_grad_norm_(g, cfg.train.grad_clip) for g in (clip_groups or [model.parameters()])]
     optimizer.step(scaler)
-    return grad_norm
+    return max(norms)
 
 
 def make_optimizer(cfg: RunConfig, task: Task, model, device, budget: "Budget") -> BlockOptimizer:
@@ -144,116 +148,139 @@ def curve_metrics(task: Task, model, device) -> dict:
     return metrics
 
 
-# ---- checkpoints ------------------------------------------------------------------------------
-# settings that do not change what is trained: a checkpoint made under other values still resumes
-RESUME_IGNORED = {"train.log_every", "train.ckpt_every", "train.device", "train.threads", "out_dir", "arm"}
+# ---- one step -----------------------------------------------------------------------------------
+@dataclass
+class Step:
+    loss: torch.Tensor
+    extra: dict
+    layers: range
+    block: int | None
+    grad_norm: torch.Tensor
 
 
-def _resume_ignored(key: str) -> bool:
-    """Evaluation settings never change the weights: a run resumes across them (curve points
-    before and after the change were measured with the settings of their time)."""
-    return key in RESUME_IGNORED or key.startswith("eval.")
+def train_step(run: "Run", step: int) -> Step:
+    """Batch, block, forward, finiteness, backward and the EMA, with the memory meter on the
+    block's first step after two warm-up steps (once per block)."""
+    cfg, task, state = run.cfg, run.task, run.state
+    task.step = step
+    # the global batch, then this rank's rows (augmentation applied before the slice)
+    batch = run.env.shard.take(task.batch(run.batches.indices(step), seed=seeding.stream_seed(
+        run.streams, "augment", step), device=run.device))
+    block = run.block_sampler.sample() if cfg.is_dblocks else None
+    meter_key = "all" if block is None else f"block{block}"
+    measure = step >= min(2, run.budget.total_steps // 2) and meter_key not in state["memory"]
+    run.optimizer.activate(block)  # offload: only this block's weights on the device
+    meter = MemoryMeter(run.model, run.optimizer.resident_optimizers(), run.device) if measure \
+        else contextlib.nullcontext()
+    t0 = time.perf_counter()
+    with meter:
+        loss, extra, layers = forward_loss(cfg, task, run.model, batch, block, run.noise_gen)
+        if not distributed.all_finite(run.sync.finite_env(step), loss):   # every rank stops together
+            raise NonFiniteLoss(
+                f"{cfg.suite}/{cfg.arm}: loss is {loss.item()} at step {step}"
+                + (f" (block {block})" if block is not None else "")
+                + f", lr {run.optimizer.lr:.3g}; stopped. Last good checkpoint: "
+                + (f"{run.ckpt_path} (step {run.saved_step})" if run.saved_step is not None else "none yet")
+                + ". Lower train.lr or raise train.warmup_epochs, then rerun with --resume")
+        grad_norm = backward_step(cfg, run.model, run.optimizer, loss, scaler=run.scaler,
+                                  sync=lambda: run.sync(run.model, step), clip_groups=run.sync.clip_groups(run.model))
+    if run.ema is not None:
+        run.ema.update_parameters(run.model)
+    if measure:
+        report = meter.report()
+        report.host_parked_bytes = run.optimizer.parked_bytes()
+        state["memory"][meter_key] = report.to_dict()
+    else:
+        if run.device.type == "cuda":
+            torch.cuda.synchronize(run.device)
+        state["step_times"].append(time.perf_counter() - t0)
+    state["train_time"] += time.perf_counter() - t0
+    state["layer_evals"] += int(extra.get("layer_evals", len(layers)))  # a recurrence may unroll more
+    return Step(loss, extra, layers, block, grad_norm)
 
 
-def _field_default(cfg: RunConfig, dotted: str):
-    """The default of a params key (a key newer than a checkpoint had this value implicitly)."""
-    import dataclasses
-    from bench.config import DEFAULT_TASK, section_class
-    section, _, name = dotted.partition(".")
-    if not name:  # a top-level key
-        return DEFAULT_TASK if section == "task" else dataclasses.MISSING
-    try:
-        f = {f.name: f for f in dataclasses.fields(section_class(section, cfg.task, cfg.model["arch"]))}[name]
-    except (KeyError, TypeError):
-        return dataclasses.MISSING
-    return f.default if f.default is not dataclasses.MISSING else f.default_factory()
+# ---- the run ------------------------------------------------------------------------------------
+@dataclass
+class Run:
+    cfg: RunConfig
+    task: Task
+    model: torch.nn.Module
+    optimizer: BlockOptimizer
+    block_sampler: BlockSampler
+    noise_gen: torch.Generator
+    batches: EpochBatches
+    budget: Budget
+    device: torch.device
+    env: distributed.DistEnv
+    sync: GradSync
+    streams: int                     # the root seed of the data, block, noise and augment streams
+    ckpt_path: Path
+    state: dict
+    ema: object = None
+    scaler: object = None
+    saved_step: int | None = None    # the step of the last checkpoint written (for the NaN message)
 
 
-def _config_diff(old: dict, cfg: RunConfig) -> list[str]:
-    """Params that differ between a checkpoint's config and this run's."""
-    fa, fb = track.flatten(old), track.flatten(cfg.to_dict())
-    diff = []
-    for k in set(fa) | set(fb):
-        if _resume_ignored(k) or fa.get(k) == fb.get(k):
-            continue
-        if k not in fa and fb[k] == _field_default(cfg, k):  # added to bench after the checkpoint
-            continue
-        diff.append(k)
-    return sorted(diff)
-
-
-# ---- the loop ---------------------------------------------------------------------------------
 def train(cfg: RunConfig, params_path: str | Path | None = None, resume: bool | str = False,
           progress: bool = True, log=print, on_eval=None, parent_run_id: str | None = None) -> dict:
     """Train one arm.  resume: False (start afresh), True (continue from ckpt.pt; refuse if it was
     made with other params) or "auto" (continue if it was made with the same params, otherwise
     move it aside to ckpt.stale.pt and start afresh: what a pipeline rerun after a params edit needs).
     on_eval(step, metrics) is called at every learning-curve point (a sweep prunes from it);
-    parent_run_id puts the MLflow run under that run instead of the suite's parent run."""
-    task = make_task(cfg)
-    task.check()
-    out = Path(cfg.out_dir)
-    ckpt_path = out / "ckpt.pt"
+    parent_run_id puts the MLflow run under that run instead of the suite's parent run.
+    Under torchrun: data-parallel (bench.distributed), or block-parallel with
+    train.block_parallel (bench.parallel: this rank's group trains its block, rank 0 assembles)."""
     if cfg.train.threads:
         torch.set_num_threads(cfg.train.threads)
     env = distributed.init(cfg.train.device)   # one process without a launcher (torchrun sets WORLD_SIZE)
+    device = distributed.device_for(env, resolve_device(cfg.train.device))
+    arm_cfg, world, group = cfg, env, None
+    if cfg.train.block_parallel:
+        group = parallel.block_group(env, cfg.diffusion.num_blocks, device)
+        cfg = parallel.group_config(cfg, group.block)
+        env = group.env
     if cfg.train.batch_size % env.world_size:
         raise ValueError(f"train.batch_size {cfg.train.batch_size} (the global batch) does not split over "
                          f"{env.world_size} ranks")
+    task = make_task(cfg)
+    task.check()
+    out = Path(cfg.out_dir)
     task.shard = env.shard
-    device = distributed.device_for(env, resolve_device(cfg.train.device))
     parallelize.enable_cuda_speedups(device)
     task.load()
     budget = make_budget(cfg, task.num_train)
     seed = cfg.train.seed   # every stream below is its own child of SeedSequence(seed): bench/seeding.py
-    batches = EpochBatches(task.num_train, cfg.train.batch_size, seed)
+    restricted = bool(cfg.train.blocks_to_train)
+    streams = seeding.stream_seed(seed, "blocks", *cfg.train.blocks_to_train) if restricted else seed
 
     torch.manual_seed(seeding.stream_seed(seed, "init"))
     model = build_model(cfg, task).to(device)
-    if env.active:   # dropout masks: distinct per rank (one process keeps the stream it always had)
-        torch.manual_seed(seeding.stream_seed(seed, "dropout", env.rank))
+    if world.active:   # dropout masks: distinct per rank (one process keeps the stream it always had)
+        torch.manual_seed(seeding.stream_seed(seed, "dropout", world.rank))
     ema = parallelize.make_ema(model, cfg)       # before compiling: the EMA copy stays eager
     parallelize.parallelize(model, cfg)
-    scaler = parallelize.make_scaler(cfg, device)
-    optimizer = make_optimizer(cfg, task, model, device, budget)
-    block_sampler = BlockSampler(cfg.diffusion.num_blocks, seeding.stream_seed(seed, "block"))
-    noise_gen = seeding.generator(seed, "noise")   # σ and ε draws
-
-    state = {"step": 0, "layer_evals": 0, "train_time": 0.0, "history": [], "log": [], "step_times": [],
-             "memory": {}, "mlflow_run_id": None}
-    ckpt = torch.load(ckpt_path, map_location=device, weights_only=False) if resume and ckpt_path.exists() else None
+    freeze_step = (round(cfg.train.shared_warmup_epochs * budget.steps_per_epoch)
+                   if restricted and cfg.train.shared == "frozen" else None)
+    run = Run(cfg, task, model, make_optimizer(cfg, task, model, device, budget),
+              BlockSampler(cfg.diffusion.num_blocks, seeding.stream_seed(streams, "block"), cfg.train.blocks_to_train),
+              seeding.generator(streams, "noise"), EpochBatches(task.num_train, cfg.train.batch_size, streams),
+              budget, device, env, GradSync(env, world, restricted, freeze_step), streams, out / "ckpt.pt",
+              {"step": 0, "layer_evals": 0, "train_time": 0.0, "history": [], "log": [], "step_times": [],
+               "memory": {}, "mlflow_run_id": None}, ema, parallelize.make_scaler(cfg, device))
+    ckpt = checkpoint.open_for_resume(run.ckpt_path, cfg, resume, device, log)
     if ckpt is not None:
-        diff = _config_diff(ckpt["config"], cfg)
-        if diff and resume == "auto":
-            log(f"{ckpt_path} was made with different params ({', '.join(diff)}); moved to ckpt.stale.pt, starting afresh")
-            ckpt_path.replace(out / "ckpt.stale.pt")
-            ckpt = None
-        elif diff:
-            raise ValueError(f"{ckpt_path} was made with different params ({', '.join(diff)}); "
-                             f"start afresh without --resume or restore the params")
-    if ckpt is not None:
-        with optimizer.materialize():
-            model.load_state_dict(ckpt["model"])
-        opt_state = ckpt["optimizer"]
-        if "residency" not in opt_state:  # a checkpoint from before per-block optimizers: one AdamW
-            opt_state = {"residency": "resident", "optimizers": [opt_state], "schedulers": [ckpt["scheduler"]]}
-        optimizer.load_state_dict(opt_state)
-        if ema is not None:
-            ema.load_state_dict(ckpt["ema"])
-        if scaler is not None:
-            scaler.load_state_dict(ckpt["scaler"])
-        block_sampler.load_state_dict(ckpt["block_sampler"])
-        noise_gen.set_state(ckpt["noise_rng"])
-        torch.set_rng_state(ckpt["torch_rng"])
-        if device.type == "cuda" and ckpt.get("cuda_rng") is not None:
-            torch.cuda.set_rng_state(ckpt["cuda_rng"], device)
-        state = ckpt["state"]
-        log(f"resumed {cfg.suite}/{cfg.arm} from {ckpt_path} at step {state['step']}/{budget.total_steps}")
-    elif resume is True:
-        log(f"--resume: no checkpoint at {ckpt_path}; starting afresh")
+        run.state = checkpoint.restore(ckpt, model, run.optimizer, run.block_sampler, run.noise_gen, device, ema,
+                                       run.scaler)
+        run.saved_step = run.state["step"]
+        log(f"resumed {cfg.suite}/{cfg.arm} from {run.ckpt_path} at step {run.state['step']}/{budget.total_steps}")
+    if group is not None and group.shares_gradients(run.state["step"], freeze_step) and \
+            not distributed.all_equal(world, run.state["step"]):
+        raise ValueError("block-parallel: the blocks' checkpoints are at different steps while the shared modules "
+                         "are still trained together; start afresh (or use train.shared: frozen)")
+    state = run.state
 
-    prov = {**track.provenance(device), "world_size": env.world_size}
-    if env.is_main:   # rank 0 alone writes files and MLflow; the other ranks train and wait at barriers
+    prov = {**track.provenance(device), "world_size": world.world_size}
+    if env.is_main:   # rank 0 (of the group) alone writes files and MLflow; the others train and wait at barriers
         atomic.write_text(out / "params.yaml", yaml.safe_dump({**cfg.to_dict(), "provenance": prov,
                                                               "budget": budget.__dict__}, sort_keys=False))
     tracker = track.Tracker(cfg.suite, cfg.arm, params_path, run_id=state["mlflow_run_id"], parent_run_id=parent_run_id,
@@ -263,138 +290,68 @@ def train(cfg: RunConfig, params_path: str | Path | None = None, resume: bool | 
         tracker.log_params({**cfg.to_dict(), "budget": budget.__dict__})
         tracker.set_tags({"bench.arm": cfg.arm, "bench.mode": cfg.mode, **{f"bench.{k}": v for k, v in prov.items()}})
 
-    def save_checkpoint() -> None:
-        if env.is_main:   # every rank holds the same state (bench.distributed), so one file resumes them all
-            with optimizer.materialize():
-                weights, opt_state = model.state_dict(), optimizer.state_dict()
-                atomic.torch_save(ckpt_path, {
-                    "config": cfg.to_dict(), "model": weights, "optimizer": opt_state,
-                    "ema": ema.state_dict() if ema is not None else None,
-                    "scaler": scaler.state_dict() if scaler is not None else None,
-                    "block_sampler": block_sampler.state_dict(),
-                    "noise_rng": noise_gen.get_state(), "torch_rng": torch.get_rng_state(),
-                    "cuda_rng": torch.cuda.get_rng_state(device) if device.type == "cuda" else None, "state": state})
-        distributed.barrier(env)
-
-    evals_at = curve_steps(budget, cfg.train.curve_points)
-    pending: list[tuple[str, float, int]] = []   # per-step metrics, flushed to MLflow in batches
-    window: dict[str, list[float]] = {}
+    # a block-restricted run cannot be scored alone: block-parallel scores the assembled model at the end
+    evals_at = set() if restricted else curve_steps(budget, cfg.train.curve_points)
+    steplog = StepLog(tracker, cfg.train.log_every, budget.total_steps)
     model.train()
     bar = tqdm(total=budget.total_steps, initial=state["step"], disable=not (progress and env.is_main),
                desc=f"{cfg.suite}/{cfg.arm}", unit="step", dynamic_ncols=True)
     try:
         while state["step"] < budget.total_steps:
-            step = state["step"]
-            task.step = step
-            # the global batch, then this rank's rows (augmentation applied before the slice)
-            batch = env.shard.take(task.batch(batches.indices(step), seed=seeding.stream_seed(seed, "augment", step),
-                                              device=device))
-            block = block_sampler.sample() if cfg.is_dblocks else None
-            # memory is measured once per block (its first step after two warm-up steps)
-            meter_key = "all" if block is None else f"block{block}"
-            measure = step >= min(2, budget.total_steps // 2) and meter_key not in state["memory"]
-            optimizer.activate(block)  # offload: only this block's weights on the device
-            meter = MemoryMeter(model, optimizer.resident_optimizers(), device) if measure else None
-            t0 = time.perf_counter()
-            if meter:
-                meter.__enter__()
-            loss, extra, layers = forward_loss(cfg, task, model, batch, block, noise_gen)
-            if not distributed.all_finite(env, loss):   # every rank stops together
-                if meter:
-                    meter.__exit__(None, None, None)
-                raise NonFiniteLoss(
-                    f"{cfg.suite}/{cfg.arm}: loss is {loss.item()} at step {step}"
-                    + (f" (block {block})" if block is not None else "")
-                    + f", lr {optimizer.lr:.3g}; stopped. Last good checkpoint: "
-                    + (f"{ckpt_path} (step {torch.load(ckpt_path, weights_only=False)['state']['step']})"
-                       if ckpt_path.exists() else "none yet")
-                    + ". Lower train.lr or raise train.warmup_epochs, then rerun with --resume")
-            grad_norm = backward_step(cfg, model, optimizer, loss, env, scaler)
-            if ema is not None:
-                ema.update_parameters(model)
-            if meter:
-                meter.__exit__(None, None, None)
-                report = meter.report()
-                report.host_parked_bytes = optimizer.parked_bytes()
-                state["memory"][meter_key] = report.to_dict()
-            else:
-                if device.type == "cuda":
-                    torch.cuda.synchronize(device)
-                state["step_times"].append(time.perf_counter() - t0)
-            state["train_time"] += time.perf_counter() - t0
-            state["step"] = step = step + 1
-            state["layer_evals"] += int(extra.get("layer_evals", len(layers)))  # a recurrence may unroll more
-
-            values = {"train/loss": loss.item(), "train/ce": float(extra["ce"]), "train/grad_norm": float(grad_norm),
-                      "train/lr": optimizer.lr}
-            if block is not None:
-                values[f"train/loss_block{block}"] = values["train/loss"]
-                values[f"train/ce_block{block}"] = values["train/ce"]
-            pending += [(k, v, step) for k, v in values.items()]
-            for k, v in values.items():
-                window.setdefault(k, []).append(v)
-            if step % cfg.train.log_every == 0 or step == budget.total_steps:
-                row = {"step": step, "layer_evals": state["layer_evals"],
-                       **{k: sum(v) / len(v) for k, v in window.items()}}
+            if freeze_step is not None and state["step"] >= freeze_step:
+                parallel.freeze_shared(model)
+            done = train_step(run, state["step"])
+            state["step"] = step = state["step"] + 1
+            row = steplog.add(step, state["layer_evals"], done, run.optimizer.lr)
+            if row:
                 state["log"].append(row)
-                tracker.log_metric_batch(pending)
-                pending, window = [], {}
                 bar.set_postfix(loss=f"{row['train/loss']:.3g}")
-            if step in evals_at and not env.is_main:
+            if step in evals_at:
+                if env.is_main:
+                    point = evaluate_point(run, step)
+                    tracker.log_metrics({f"eval/{k}": v for k, v in point.items() if k not in ("step",)}, step=step)
+                    shown = task.metric if task.metric in point else task.selection_metric
+                    bar.write(f"{cfg.suite}/{cfg.arm} step {step}/{budget.total_steps}: {shown} {point[shown]:.4f}")
+                    if on_eval is not None:
+                        on_eval(step, point)
                 distributed.barrier(env)   # rank 0 evaluates
-            elif step in evals_at:
-                with optimizer.materialize():
-                    metrics = curve_metrics(task, model, device)
-                distributed.barrier(env)
-                point = {"step": step, "layer_evals": state["layer_evals"],
-                         "epochs_equiv": state["layer_evals"] / (budget.steps_per_epoch * task.layout.depth),
-                         "train_time_s": state["train_time"], **metrics}
-                state["history"].append(point)
-                tracker.log_metrics({f"eval/{k}": v for k, v in metrics.items()}, step=step)
-                shown = task.metric if task.metric in metrics else task.selection_metric
-                bar.write(f"{cfg.suite}/{cfg.arm} step {step}/{budget.total_steps}: {shown} {metrics[shown]:.4f}")
-                if on_eval is not None:
-                    on_eval(step, metrics)
             if step % cfg.train.ckpt_every == 0 or step == budget.total_steps:
-                save_checkpoint()
+                if env.is_main:   # every rank holds the same state (bench.distributed), so one file resumes them all
+                    checkpoint.save(run.ckpt_path, cfg, state, model, run.optimizer, run.block_sampler, run.noise_gen,
+                                    device, ema, run.scaler)
+                run.saved_step = step
+                distributed.barrier(env)
             bar.update(1)
     except BaseException as e:
         bar.close()
-        tracker.log_metric_batch(pending)
+        steplog.flush()
         tracker.end("FAILED" if isinstance(e, NonFiniteLoss) else "KILLED")
         raise
     bar.close()
-    if not env.is_main:
-        distributed.barrier(env)   # rank 0 writes the results
-        return {}
 
-    # ---- results --------------------------------------------------------------------------
-    final = state["history"][-1]
-    mem = max(state["memory"].values(), key=lambda m: m["peak_bytes"], default=None) or {
-        k: -1 for k in ("peak_bytes", "parameters", "gradients", "optimizer_state", "activations",
-                        "allocator_peak_bytes", "rss_peak_bytes")}  # a run too short to measure
-    times = state["step_times"]
-    summary = {
-        "suite": cfg.suite, "arm": cfg.arm, "mode": cfg.mode, "num_blocks": cfg.diffusion.num_blocks if cfg.is_dblocks else 1,
-        "metric": task.metric, "selection_metric": task.selection_metric, **{k: v for k, v in final.items() if k not in ("step", "layer_evals", "epochs_equiv", "train_time_s")},
-        "optimizer_steps": state["step"],
-        "layer_evals": state["layer_evals"], "epochs_equiv": final["epochs_equiv"],
-        "train_time_s": state["train_time"], "median_step_s": statistics.median(times) if times else float("nan"),
-        "peak_mem_bytes": mem["peak_bytes"], "peak_mem_params": mem["parameters"], "peak_mem_grads": mem["gradients"],
-        "peak_mem_optim": mem["optimizer_state"], "peak_mem_activations": mem["activations"],
-        "cuda_allocator_peak_bytes": mem["allocator_peak_bytes"], "rss_peak_bytes": mem["rss_peak_bytes"],
-        "device": prov["device_name"], "git_sha": prov["git_sha"], "seed": cfg.train.seed,
-    }
-    with optimizer.materialize():
-        atomic.torch_save(out / "final.pt", {"config": cfg.to_dict(), "model": model.state_dict(), "summary": summary,
-                                             **({"ema": ema.module.state_dict()} if ema is not None else {})})
-    atomic.write_csv(out / "history.csv", pd.DataFrame(state["history"]))
-    atomic.write_csv(out / "log.csv", pd.DataFrame(state["log"]))
-    atomic.write_csv(out / "summary.csv", pd.DataFrame([summary]))
-    atomic.write_json(out / "metrics.json", {**summary, "memory_by_block": state["memory"]})
-    tracker.log_metrics({k: v for k, v in summary.items() if isinstance(v, (int, float)) and not isinstance(v, bool)})
-    for name in ("summary.csv", "history.csv", "params.yaml"):
-        tracker.log_artifact(out / name)
+    summary = {}
+    if env.is_main:
+        summary = results.run_summary(cfg, task, state, prov,
+                                      state["layer_evals"] / (budget.steps_per_epoch * task.layout.depth))
+        with run.optimizer.materialize():
+            results.write_outputs(out, cfg, summary, state, model.state_dict(), tracker,
+                                  ema.module.state_dict() if ema is not None else None)
     tracker.end()
-    distributed.barrier(env)
+    if group is None:
+        distributed.barrier(env)
+        return summary
+    distributed.barrier(world)   # every block done: rank 0 assembles and scores the whole model
+    summary = parallel.finish(arm_cfg, world, prov, log) if world.is_main else {}
+    distributed.barrier(world)
     return summary
+
+
+def evaluate_point(run: Run, step: int) -> dict:
+    """A learning-curve point (validation, and test unless sealed), appended to the history."""
+    with run.optimizer.materialize():
+        metrics = curve_metrics(run.task, run.model, run.device)
+    point = {"step": step, "layer_evals": run.state["layer_evals"],
+             "epochs_equiv": run.state["layer_evals"] / (run.budget.steps_per_epoch * run.task.layout.depth),
+             "train_time_s": run.state["train_time"], **metrics}
+    run.state["history"].append(point)
+    return point

@@ -1,0 +1,105 @@
+"""A run's checkpoint: the full training state in ckpt.pt, written atomically, and the rules for
+resuming from it.
+
+ckpt.pt holds the config, the model, every optimizer and schedule (per block under offload), the
+EMA and GradScaler when on, the block sampler, every RNG (σ/ε generator, torch, CUDA) and the
+run's state (step, layer evaluations, curve points, log rows, step times, memory, MLflow run id).
+A resume refuses a checkpoint made with other params, except the keys in RESUME_IGNORED and the
+evaluation settings, which do not change what is trained.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from pathlib import Path
+
+import torch
+
+from bench import atomic, track
+from bench.config import RunConfig
+
+# settings that do not change what is trained: a checkpoint made under other values still resumes
+RESUME_IGNORED = {"train.log_every", "train.ckpt_every", "train.device", "train.threads", "out_dir", "arm"}
+
+
+def resume_ignored(key: str) -> bool:
+    """Evaluation settings never change the weights: a run resumes across them (curve points
+    before and after the change were measured with the settings of their time)."""
+    return key in RESUME_IGNORED or key.startswith("eval.")
+
+
+def default_of(cfg: RunConfig, dotted: str):
+    """The default of a params key (a key newer than a checkpoint had this value implicitly)."""
+    from bench.config import DEFAULT_TASK, section_class
+    section, _, name = dotted.partition(".")
+    if not name:  # a top-level key
+        return DEFAULT_TASK if section == "task" else dataclasses.MISSING
+    try:
+        f = {f.name: f for f in dataclasses.fields(section_class(section, cfg.task, cfg.model["arch"]))}[name]
+    except (KeyError, TypeError):
+        return dataclasses.MISSING
+    return f.default if f.default is not dataclasses.MISSING else f.default_factory()
+
+
+def config_diff(old: dict, cfg: RunConfig) -> list[str]:
+    """Params that differ between a checkpoint's config and this run's."""
+    fa, fb = track.flatten(old), track.flatten(cfg.to_dict())
+    diff = []
+    for k in set(fa) | set(fb):
+        if resume_ignored(k) or fa.get(k) == fb.get(k):
+            continue
+        if k not in fa and fb[k] == default_of(cfg, k):  # added to bench after the checkpoint
+            continue
+        diff.append(k)
+    return sorted(diff)
+
+
+def open_for_resume(path: Path, cfg: RunConfig, resume: bool | str, device, log) -> dict | None:
+    """The checkpoint to continue from, or None to start afresh.  resume: False, True (refuse a
+    checkpoint made with other params) or "auto" (move it aside to ckpt.stale.pt instead)."""
+    if not resume or not path.exists():
+        if resume is True:
+            log(f"--resume: no checkpoint at {path}; starting afresh")
+        return None
+    ckpt = torch.load(path, map_location=device, weights_only=False)
+    diff = config_diff(ckpt["config"], cfg)
+    if diff and resume == "auto":
+        log(f"{path} was made with different params ({', '.join(diff)}); moved to ckpt.stale.pt, starting afresh")
+        path.replace(path.with_name("ckpt.stale.pt"))
+        return None
+    if diff:
+        raise ValueError(f"{path} was made with different params ({', '.join(diff)}); "
+                         f"start afresh without --resume or restore the params")
+    return ckpt
+
+
+def restore(ckpt: dict, model, optimizer, block_sampler, noise_gen, device, ema=None, scaler=None) -> dict:
+    """Load every piece of the training state; returns the run's state dict."""
+    with optimizer.materialize():
+        model.load_state_dict(ckpt["model"])
+    opt_state = ckpt["optimizer"]
+    if "residency" not in opt_state:  # a checkpoint from before per-block optimizers: one AdamW
+        opt_state = {"residency": "resident", "optimizers": [opt_state], "schedulers": [ckpt["scheduler"]]}
+    optimizer.load_state_dict(opt_state)
+    if ema is not None:
+        ema.load_state_dict(ckpt["ema"])
+    if scaler is not None:
+        scaler.load_state_dict(ckpt["scaler"])
+    block_sampler.load_state_dict(ckpt["block_sampler"])
+    noise_gen.set_state(ckpt["noise_rng"])
+    torch.set_rng_state(ckpt["torch_rng"])
+    if device.type == "cuda" and ckpt.get("cuda_rng") is not None:
+        torch.cuda.set_rng_state(ckpt["cuda_rng"], device)
+    return ckpt["state"]
+
+
+def save(path: Path, cfg: RunConfig, state: dict, model, optimizer, block_sampler, noise_gen, device,
+         ema=None, scaler=None) -> None:
+    with optimizer.materialize():
+        atomic.torch_save(path, {
+            "config": cfg.to_dict(), "model": model.state_dict(), "optimizer": optimizer.state_dict(),
+            "ema": ema.state_dict() if ema is not None else None,
+            "scaler": scaler.state_dict() if scaler is not None else None,
+            "block_sampler": block_sampler.state_dict(),
+            "noise_rng": noise_gen.get_state(), "torch_rng": torch.get_rng_state(),
+            "cuda_rng": torch.cuda.get_rng_state(device) if device.type == "cuda" else None, "state": state})
