@@ -212,12 +212,14 @@ def to_uint8_rgb(images: torch.Tensor) -> torch.Tensor:
 
 
 @torch.no_grad()
-def features(net, images_uint8: torch.Tensor, batch_size: int = 100) -> torch.Tensor:
-    """(N, 2048) float64 features of uint8 images (N, 1|3, H, W); the resize to 299 is the net's."""
+def features(net, images_uint8, batch_size: int = 100) -> torch.Tensor:
+    """(N, 2048) float64 features of uint8 images (N, 1|3, H, W): a tensor, or an iterable of
+    such batches (an ImageFolder streamed in bounded memory); the resize to 299 is the net's."""
     device = next(net.parameters()).device
     out = []
-    for i in range(0, len(images_uint8), batch_size):
-        x = images_uint8[i:i + batch_size]
+    batches = ((images_uint8[i:i + batch_size] for i in range(0, len(images_uint8), batch_size))
+               if isinstance(images_uint8, torch.Tensor) else images_uint8)
+    for x in batches:
         if x.shape[1] == 1:
             x = x.expand(-1, 3, -1, -1)
         out.append(net(x.to(device))[0].double().cpu())
@@ -275,9 +277,10 @@ def kid(a: torch.Tensor, b: torch.Tensor, subset_size: int = 1000, subsets: int 
 class ReferenceSet:
     """Real images a FID is measured against.  `name` keys their cached features and says which
     set they are (split, how validation was carved, how many), so a validation reference can
-    never be read as a test one; `read()` gives the images, uint8 (N, 1|3, H, W), on a cache miss."""
+    never be read as a test one; `read()` gives the images, uint8 (N, 1|3, H, W), on a cache miss:
+    a tensor, or an iterable of batches with a length (bench.data.latents.FolderImages)."""
     name: str
-    read: Callable[[], torch.Tensor]
+    read: Callable[[], object]
 
 
 def cached_features(cache: Path, key: str, images_fn, net, batch_size: int = 100, log=print) -> torch.Tensor:

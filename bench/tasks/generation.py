@@ -38,7 +38,6 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-import numpy as np
 import torch
 
 from bench.blocks import BlockLayout
@@ -183,7 +182,9 @@ class GenerationTask(Task):
         """(channels, side, classes) of what the network denoises."""
         d = self.cfg.data
         if self.latent:
-            return 4, d.image_size // 8, 1000
+            from bench.data.latents import store_meta
+            meta = store_meta(d) or {}
+            return 4, d.image_size // 8, int(meta.get("num_classes", 1000))
         return SHAPES[d.dataset]
 
     def check(self) -> None:
@@ -233,20 +234,19 @@ class GenerationTask(Task):
                 raise ConfigError(f"the {name} split has {size} images; FID needs at least 2 (data.val_fraction)")
 
     def _load_latents(self, carve: str, val_n: int) -> tuple[int, int]:
-        """Latent rows come in pairs (image, flip): the carve is over images, so no image's flip
-        lands on the other side.  train_x stays whole; train_rows index it (no 40 GB copy)."""
-        from bench.data.latents import load_latents
+        """The store's train latents stay on disk (a memmap); train_rows are the images left for
+        training after the validation carve.  The FID references stream from the ImageFolder."""
+        from bench.data.latents import FolderImages, load_latents
         d, e = self.cfg.data, self.cfg.eval
         self.train_x, self.train_y = load_latents(d, "train")
-        train_idx, val_idx = carve_validation(len(self.train_y) // 2, d.val_fraction, d.val_seed)
-        rows = np.stack([2 * train_idx, 2 * train_idx + 1], 1).reshape(-1)
-        self.train_rows = torch.from_numpy(rows[:d.train_subset or None])
+        train_idx, val_idx = carve_validation(len(self.train_y), d.val_fraction, d.val_seed)
+        self.train_rows = torch.from_numpy(train_idx[:d.train_subset or None])
         val_idx, ref_idx = val_idx[:val_n or None], train_idx[:e.fid_ref_n or None]
         self.val_data = fidlib.ReferenceSet(f"{d.dataset}{d.image_size}-{carve}-first{val_n or 'all'}",
-                                            lambda: _folder_images(d, "train", val_idx))
+                                            lambda: FolderImages(d, "train", val_idx))
         self.train_reference = fidlib.ReferenceSet(
             f"{d.dataset}{d.image_size}-train-minus-{carve}-first{e.fid_ref_n or 'all'}",
-            lambda: _folder_images(d, "train", ref_idx))
+            lambda: FolderImages(d, "train", ref_idx))
         return len(val_idx), len(train_idx)
 
     def load_test(self) -> fidlib.ReferenceSet:
@@ -271,9 +271,15 @@ class GenerationTask(Task):
 
     def batch(self, indices, seed, device):
         rows = indices if self.train_rows is None else self.train_rows[indices]
+        # flips: an augmentation drawn per step and example (the latent store holds each flip's latent)
+        flip = (torch.rand(len(rows), generator=torch.Generator().manual_seed(seed)) < 0.5) if self.cfg.data.hflip \
+            else None
+        if self.latent:
+            from bench.data.latents import latent_rows
+            x = latent_rows(self.train_x, rows.numpy(), None if flip is None else flip.numpy())
+            return x.to(device), torch.from_numpy(self.train_y[rows.numpy()]).to(device)
         x = self.to_model_space(self.train_x[rows])
-        if self.cfg.data.hflip:
-            flip = torch.rand(len(x), generator=torch.Generator().manual_seed(seed)) < 0.5
+        if flip is not None:
             x[flip] = x[flip].flip(-1)
         return x.to(device), self.train_y[rows].to(device)
 
@@ -492,10 +498,3 @@ class GenerationTask(Task):
             per_call += [b - a for a, b in zip(times, times[1:])]
         per_step = statistics.median(per_call)
         return {"sec_per_step": per_step, "sec_per_image": per_step * self.cfg.eval.steps / batch}
-
-
-def _folder_images(d, folder: str, indices) -> torch.Tensor:
-    """uint8 centre crops of these images of an ImageNet folder (the latent suites' references)."""
-    from bench.data.latents import _folder
-    ds = _folder(d, folder, d.image_size)
-    return torch.stack([ds[int(i)][0] for i in indices])
