@@ -131,7 +131,8 @@ def suites_table(device, dry: bool) -> pd.DataFrame:
 
 
 def torchrun_smoke(device, dry: bool) -> str:
-    params = "suites/vit_fashion/params.yaml"
+    from bench.parallel_bench import bench_params
+    params = bench_params(runs=Path("runs/gpu_check"))   # the suite's own runs (DVC outputs) stay untouched
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=1", "-m", "bench",
            "train", params, "--arm", "dblocks", "--seed", "900", "--no-progress",
            "--set", f"train.device={device.type}", "--set", f"train.epochs={0.002 if dry else 0.05}",

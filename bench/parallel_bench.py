@@ -25,7 +25,18 @@ import pandas as pd
 from bench import atomic, track
 
 OUT = Path("results/parallel")
-PARAMS = "suites/vit_fashion/params.yaml"
+SUITE = "suites/vit_fashion/params.yaml"
+RUNS = Path("runs/parallel_bench")
+PARAMS = str(RUNS / "params.yaml")   # vit_fashion's params with its own runs_dir: the suite's runs stay untouched
+
+
+def bench_params(suite: str = SUITE, runs: Path = RUNS) -> str:
+    """A copy of the suite's params.yaml whose runs go under `runs` (not the suite's DVC outputs)."""
+    import yaml
+    raw = yaml.safe_load(Path(suite).read_text())
+    runs.mkdir(parents=True, exist_ok=True)
+    atomic.write_text(runs / "params.yaml", yaml.safe_dump({**raw, "runs_dir": str(runs)}, sort_keys=False))
+    return str(runs / "params.yaml")
 
 
 def run(label: str, arm: str, seed: int, sets: list[str], nproc: int = 1, extra: tuple = ()) -> dict:
@@ -39,7 +50,7 @@ def run(label: str, arm: str, seed: int, sets: list[str], nproc: int = 1, extra:
     wall = time.perf_counter() - t0
     if done.returncode:
         raise RuntimeError(f"{label}: {' '.join(cmd)} failed:\n{done.stderr[-1500:]}")
-    summary = pd.read_csv(Path("runs/vit_fashion") / arm / f"seed{seed}" / "summary.csv").iloc[0]
+    summary = pd.read_csv(RUNS / "vit_fashion" / arm / f"seed{seed}" / "summary.csv").iloc[0]
     return {"run": label, "ranks": nproc, "wall_s": wall, "optimizer_steps": int(summary["optimizer_steps"]),
             "val_acc": summary.get("val_acc"), "test_acc": summary.get("test_acc"),
             "command": " ".join(["bench", *cmd[3:]])}
@@ -51,6 +62,7 @@ def main(argv=None) -> int:
     p.add_argument("--threads", type=int, default=2, help="threads of the one-process runs (default 2)")
     p.add_argument("--seed", type=int, default=700, help="train.seed (runs/vit_fashion/<arm>/seed<N>)")
     a = p.parse_args(argv)
+    bench_params()
     common = [f"train.epochs={a.epochs}", "train.curve_points=1", "eval.final_variants=[]"]
     db = common + ["diffusion.num_blocks=2"]
     rows = [run("DB sequential", "dblocks", a.seed, db + [f"train.threads={a.threads}"]),
