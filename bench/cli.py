@@ -149,6 +149,11 @@ def parse_bytes(text: str) -> int:
     return int(float(number) * units[t[len(number):]])
 
 
+def cmd_memory_matrix(a) -> None:
+    from bench.memory_matrix import memory_matrix
+    print(f"wrote {memory_matrix(a.batch, a.only.split(',') if a.only else None)}")
+
+
 def cmd_memory(a) -> None:
     from bench.benchmark import BENCHMARK_ONLY_ARMS, memory_benchmark
     from bench.config import MODES, RESIDENCY
@@ -285,6 +290,11 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("--results", default=None, help="results directory (default: results)")
     q.add_argument("--relabel", action="store_true", help="without the runs: count the committed arms' training "
                    "FLOPs and label results/<suite>/*.md with them (pre-protocol suites; bench/report_relabel.py)")
+    q = sub.add_parser("memory-matrix", help="memory over model scale (the paper's configs) against every baseline: "
+                       "results/memory/matrix.md")
+    q.add_argument("--batch", type=int, default=16, help="measured batch (and 2x; extrapolated to the paper's; default 16)")
+    q.add_argument("--only", default="", help="comma-separated parts of model labels, e.g. ViT,DiT-S")
+    q.set_defaults(func=cmd_memory_matrix)
     q = sub.add_parser("memory", help="measured peak memory and step time of every arm (random input)")
     q.add_argument("params", help="a suite's params.yaml (its model and diffusion settings)")
     q.add_argument("--blocks", default="1,2,3,4,6", help="values of B (default 1,2,3,4,6)")
