@@ -297,8 +297,11 @@ def _plot_importance(study, objectives, path: Path) -> None:
     import optuna
     fig, ax = plt.subplots(figsize=(6, 3.5))
     try:
+        # fANOVA named explicitly (Optuna's default evaluator is not a promise) and seeded, so the
+        # plot can be recomputed from the same trials
         imp = optuna.importance.get_param_importances(
-            study, target=(lambda t: t.values[0]) if len(objectives) > 1 else None)
+            study, evaluator=optuna.importance.FanovaImportanceEvaluator(seed=0),
+            target=(lambda t: t.values[0]) if len(objectives) > 1 else None)
         names, vals = list(imp)[::-1], list(imp.values())[::-1]
         ax.barh(names, vals)
         ax.set_xlabel(f"importance for {objectives[0]} (fANOVA)")
