@@ -92,7 +92,7 @@ class _KeepGrads:
     def zero_grad(self) -> None:
         pass
 
-    def step(self, scaler=None) -> None:
+    def step(self) -> None:
         self.optimizer.step()
 
 

@@ -57,7 +57,7 @@ class _NoStep:
     def zero_grad(self) -> None:
         self.model.zero_grad(set_to_none=True)
 
-    def step(self, scaler=None) -> None:
+    def step(self) -> None:
         pass
 
 

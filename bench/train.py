@@ -127,7 +127,7 @@ def backward_step(cfg: RunConfig, model, optimizer: BlockOptimizer, loss: torch.
     if scaler:
         optimizer.unscale(scaler)
     norms = [torch.nn.utils.clip_grad_norm_(g, cfg.train.grad_clip) for g in (clip_groups or [model.parameters()])]
-    optimizer.step(scaler)
+    optimizer.step(scaler) if scaler else optimizer.step()   # any object with zero_grad/step will do
     return max(norms)
 
 
