@@ -64,9 +64,6 @@ class BlockGroup:
     env: DistEnv          # the data-parallel group of this block (its Shard, barriers, writer)
     world: DistEnv        # every rank (shared-gradient averaging, the final barrier)
 
-    def shares_gradients(self, step: int, freeze_step: int | None) -> bool:
-        return freeze_step is None or step < freeze_step
-
 
 def block_group(env: DistEnv, num_blocks: int, device: torch.device) -> BlockGroup:
     """Build the (block, dp) mesh and return this rank's group."""

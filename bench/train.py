@@ -273,7 +273,7 @@ def train(cfg: RunConfig, params_path: str | Path | None = None, resume: bool | 
                                        run.scaler)
         run.saved_step = run.state["step"]
         log(f"resumed {cfg.suite}/{cfg.arm} from {run.ckpt_path} at step {run.state['step']}/{budget.total_steps}")
-    if group is not None and group.shares_gradients(run.state["step"], freeze_step) and \
+    if group is not None and run.sync.sharing(run.state["step"]) and \
             not distributed.all_equal(world, run.state["step"]):
         raise ValueError("block-parallel: the blocks' checkpoints are at different steps while the shared modules "
                          "are still trained together; start afresh (or use train.shared: frozen)")
