@@ -40,6 +40,21 @@ arms:
 """
 
 
+# a 4-layer ViT at B = 2 on 256 real training images: the multi-process tests (data- and block-parallel)
+TINY_RANKS = """
+suite: tiny
+runs_dir: {runs}
+data: {{dataset: fashion_mnist, root: {root}, train_subset: 256, test_subset: 200, val_fraction: 0.1}}
+model: {{arch: vit, image_size: 28, patch_size: 7, hidden: 32, depth: 4, heads: 2, mlp_dim: 64, dropout: 0.0}}
+diffusion: {{num_blocks: 2, gamma: 0.05}}
+train: {{epochs: 1.0, batch_size: 32, lr: 2.0e-3, warmup_epochs: 0.2, ckpt_every: {ckpt_every}, curve_points: 1, threads: 1}}
+eval: {{batch_size: 200}}
+arms:
+  e2e: {{mode: e2e}}
+  dblocks: {{mode: dblocks}}
+"""
+
+
 @pytest.fixture
 def tiny_task(tmp_path):
     """make(arm, *overrides) → the Task of a tiny ViT config (no data is loaded)."""

@@ -11,20 +11,10 @@ import torch
 from bench.cli import torchrun_argv
 from bench.config import load_config
 from bench.distributed import Shard
+from conftest import TINY_RANKS
 from bench.train import train
 
-PARAMS = """
-suite: tiny
-runs_dir: {runs}
-data: {{dataset: fashion_mnist, root: {root}, train_subset: 256, test_subset: 200, val_fraction: 0.1}}
-model: {{arch: vit, image_size: 28, patch_size: 7, hidden: 32, depth: 4, heads: 2, mlp_dim: 64, dropout: 0.0}}
-diffusion: {{num_blocks: 2, gamma: 0.05}}
-train: {{epochs: 1.0, batch_size: 32, lr: 2.0e-3, warmup_epochs: 0.2, ckpt_every: 1000, curve_points: 1, threads: 1}}
-eval: {{batch_size: 200}}
-arms:
-  e2e: {{mode: e2e}}
-  dblocks: {{mode: dblocks}}
-"""
+PARAMS = TINY_RANKS.replace("{ckpt_every}", "1000")
 
 
 def test_shard_draws_do_not_depend_on_the_number_of_ranks():

@@ -16,19 +16,10 @@ from bench.config import ConfigError, load_config
 from bench.evaluate import evaluate_arm
 from bench.parallel import BlockParallelDims, check_manifest
 from bench.tasks import make_task
+from conftest import TINY_RANKS
 from bench.train import build_model, train
 
-PARAMS = """
-suite: tiny
-runs_dir: {runs}
-data: {{dataset: fashion_mnist, root: {root}, train_subset: 256, test_subset: 200, val_fraction: 0.1}}
-model: {{arch: vit, image_size: 28, patch_size: 7, hidden: 32, depth: 4, heads: 2, mlp_dim: 64, dropout: 0.0}}
-diffusion: {{num_blocks: 2, gamma: 0.05}}
-train: {{epochs: 1.0, batch_size: 32, lr: 2.0e-3, warmup_epochs: 0.2, ckpt_every: 3, curve_points: 1, threads: 1}}
-eval: {{batch_size: 200}}
-arms:
-  dblocks: {{mode: dblocks}}
-"""
+PARAMS = TINY_RANKS.replace("{ckpt_every}", "3")
 
 
 def block_parallel(tmp_path, root, shared: str):
