@@ -142,7 +142,8 @@ SECTIONS = {"data": DataConfig, "model": None, "diffusion": DiffusionConfig,
 # sweep (bench.sweep), check (bench.check) and paper (bench.report) are read by their own modules
 # protocol (seeds, pairs, margin, tuning) is read by bench.protocol
 TOP_KEYS = {"suite", "task", "arms", "runs_dir", "results_dir", "sweep", "check", "paper", "protocol", *SECTIONS}
-TUNED_KEY = "tuned"   # an arm with `tuned: true` takes the overrides `bench tune` chose for it
+TUNED_KEY = "tuned"   # an arm with `tuned: true` takes the overrides `bench tune` chose for it;
+# `tuned: <tuned arm>` makes a variant: that arm's settings and tuned overrides, plus its own change
 
 
 def parse_settings(text: str, keys: tuple[str, ...]) -> dict[str, str]:
@@ -300,10 +301,22 @@ def load_config(params_path: str | Path, arm: str, overrides: list[str] | None =
     spec = dict(arms[arm] or {})
     if not isinstance(arms[arm] or {}, dict):
         raise ConfigError(f"arm {arm!r} in {source} must be a mapping of section.key: value")
-    is_tuned = bool(spec.pop(TUNED_KEY, False))
+    tuned = spec.pop(TUNED_KEY, False)
+    own = dict(spec)
+    if tuned and tuned is not True:   # a variant: the donor arm's settings, then its own change(s)
+        donor = str(tuned)
+        if donor not in arms or (arms[donor] or {}).get(TUNED_KEY) is not True:
+            raise ConfigError(f"arm {arm!r} in {source}: `tuned: {donor}` must name an arm with `tuned: true`")
+        spec = {k: v for k, v in (arms[donor] or {}).items() if k != TUNED_KEY} | own
     _apply_dotted(target, spec, f"{source} (arm {arm})")
-    if is_tuned and not tuning:
-        _apply_dotted(target, tuned_overrides(raw, params_path, arm), f"{tuned_path(raw, params_path)} (arm {arm})")
+    if tuned and not tuning:
+        donor = arm if tuned is True else str(tuned)
+        chosen = tuned_overrides(raw, params_path, donor)
+        clash = sorted(set(chosen) & set(own)) if donor != arm else []
+        if clash:   # the tuned value would silently replace the variant's change
+            raise ConfigError(f"arm {arm!r} in {source} sets {clash[0]!r}, which `bench tune` chose for {donor!r}: "
+                              f"a variant of a tuned arm may change only keys the tuning did not choose")
+        _apply_dotted(target, chosen, f"{tuned_path(raw, params_path)} (arm {donor})")
     _apply_dotted(target, dict(split_override(o) for o in overrides or []), "command-line overrides")
     if seed is not None:
         _apply(target, "train", {"seed": seed}, "--seed")

@@ -28,7 +28,8 @@ from pathlib import Path
 
 from bench.config import ConfigError, read_params
 
-KNOWN = {"seeds", "pairs", "margin", "margin_relative", "tune", "claims", "ablations", "ablation_seeds"}
+KNOWN = {"seeds", "pairs", "margin", "margin_relative", "tune", "claims", "claim_seeds", "ablations", "ablation_seeds"}
+DESIGN_CLAIMS = ("b", "c")   # the paper's design claims a suite may test with one-change variants
 TUNE_KNOWN = {"trials", "seed", "overrides", "shared_space", "method_space"}
 
 
@@ -49,7 +50,8 @@ class Protocol:
     margin: float
     margin_relative: bool
     tune: TuneSpec | None
-    claims: dict = field(default_factory=dict)   # extra claims (b, c): name → [reference arm, DB arm]
+    claims: dict = field(default_factory=dict)   # claim (b, c) → {name: (the paper's choice, the alternative)}
+    claim_seeds: list[int] = field(default_factory=list)
     ablations: dict = field(default_factory=dict)   # name → (reference arm, changed arm): not claims
     ablation_seeds: list[int] = field(default_factory=list)
 
@@ -81,13 +83,25 @@ def load_protocol(params_path: str | Path) -> Protocol:
         pairs[name] = tuple(pair)
     if not pairs:
         raise ConfigError(f"protocol.pairs in {where} is empty")
-    for key in ("claims", "ablations"):
-        for name, pair in (spec.get(key) or {}).items():
+    def arm_pairs(key: str, entries) -> dict:
+        if not isinstance(entries, dict):
+            raise ConfigError(f"protocol.{key} in {where} must be a mapping of name: [reference arm, changed arm]")
+        for name, pair in entries.items():
             if not (isinstance(pair, list) and len(pair) == 2) or any(arm not in arms for arm in pair):
                 raise ConfigError(f"protocol.{key}.{name} in {where} must be [reference arm, changed arm] of `arms`, got {pair!r}")
-    ablation_seeds = spec.get("ablation_seeds", seeds)
-    if not isinstance(ablation_seeds, list) or not all(isinstance(s, int) for s in ablation_seeds):
-        raise ConfigError(f"protocol.ablation_seeds in {where} must be a list of integers, got {ablation_seeds!r}")
+        return {name: tuple(pair) for name, pair in entries.items()}
+
+    ablations = arm_pairs("ablations", spec.get("ablations") or {})
+    claims = {}
+    for letter, entries in (spec.get("claims") or {}).items():
+        if letter not in DESIGN_CLAIMS:
+            raise ConfigError(f"protocol.claims.{letter} in {where}: the design claims are {', '.join(DESIGN_CLAIMS)}")
+        claims[letter] = arm_pairs(f"claims.{letter}", entries)
+    seed_lists = {}
+    for key in ("ablation_seeds", "claim_seeds"):
+        seed_lists[key] = spec.get(key, seeds)
+        if not isinstance(seed_lists[key], list) or not all(isinstance(s, int) for s in seed_lists[key]):
+            raise ConfigError(f"protocol.{key} in {where} must be a list of integers, got {seed_lists[key]!r}")
     margin = spec.get("margin")
     if not isinstance(margin, (int, float)) or isinstance(margin, bool) or not margin > 0:
         raise ConfigError(f"protocol.margin in {where} must be a positive number fixed before the runs, got {margin!r}")
@@ -103,5 +117,4 @@ def load_protocol(params_path: str | Path) -> Protocol:
                         dict(t.get("shared_space") or {}), dict(t.get("method_space") or {}))
     suite = str(raw.get("suite") or Path(params_path).parent.name)
     return Protocol(suite, seeds, pairs, float(margin), bool(spec.get("margin_relative", False)), tune,
-                    dict(spec.get("claims") or {}), {k: tuple(v) for k, v in (spec.get("ablations") or {}).items()},
-                    list(ablation_seeds))
+                    claims, list(seed_lists["claim_seeds"]), ablations, list(seed_lists["ablation_seeds"]))

@@ -212,7 +212,8 @@ def verdict_markdown(table: pd.DataFrame) -> str:
     show = tested[[c for c in ("suite", "claim", "statement", "pair", "seeds", "mean_diff", "ci_low", "ci_high",
                                "margin", "verdict") if c in tested]].copy()
     return (_markdown_table(show.fillna("")) + "\nDifferences are signed so that positive means DiffusionBlocks is "
-            "better, in the metric's units (accuracy: a fraction, 0.01 = 1 point); interval: 95% bootstrap over paired "
+            "better (claims b, c: the paper's choice — equiprobable partition, B = 3 — is better than the alternative), "
+            "in the metric's units (accuracy: a fraction, 0.01 = 1 point); interval: 95% bootstrap over paired "
             "seeds; the margin was fixed in the suite's params.yaml before the runs. Untested claims: "
             "[results/verdicts.csv](results/verdicts.csv).\n")
 

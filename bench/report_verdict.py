@@ -138,6 +138,27 @@ def pair_rows(seeds: pd.DataFrame, proto: Protocol, higher_is_better: bool) -> l
     return rows
 
 
+def claim_rows(params_path, proto: Protocol, higher_is_better: bool, log=print) -> list[dict]:
+    """Claims (b) and (c): each [the paper's choice, the alternative] over protocol.claim_seeds,
+    signed so that positive = the paper's choice is better ("better" supports the claim)."""
+    rows = []
+    for letter, entries in proto.claims.items():
+        for name, (choice, alternative) in entries.items():
+            seeds = collect_seeds(params_path, proto, log, [choice, alternative], proto.claim_seeds)
+            done, _, b, r, val = paired(seeds, alternative, choice, proto.claim_seeds, higher_is_better, proto)
+            row = {"claim": letter, "statement": f"{CLAIMS[letter]} ({name}: {choice} vs {alternative})",
+                   "pair": name, "e2e_arm": alternative, "db_arm": choice}
+            if not done:
+                rows.append({**row, "verdict": "not tested", "note": "no seed finished for both arms"})
+                continue
+            rows.append({**row, "metric": b["metric"].iloc[0], **r, "val_mean_diff": val["mean_diff"],
+                         "missing_seeds": " ".join(str(s) for s in proto.claim_seeds if s not in done),
+                         "note": "positive: the paper's choice is better" + (
+                             "" if len(done) == len(proto.claim_seeds) else
+                             f"; {len(done)} of the protocol's {len(proto.claim_seeds)} seeds finished")})
+    return rows
+
+
 def ablation_rows(params_path, proto: Protocol, higher_is_better: bool, log=print) -> pd.DataFrame:
     """Each ablation [reference arm, changed arm] over protocol.ablation_seeds: the paired
     difference changed − reference (positive: the change helps), its interval and the same
@@ -243,7 +264,8 @@ def write_verdict(params_path) -> Path:
     seeds = collect_seeds(params_path, proto)
     atomic.write_csv(out / "seeds.csv", seeds)
     B = int((raw.get("diffusion") or {}).get("num_blocks", 3))
-    rows = pair_rows(seeds, proto, task_cls.higher_is_better) + memory_rows(proto.suite, B)
+    rows = pair_rows(seeds, proto, task_cls.higher_is_better) + claim_rows(params_path, proto, task_cls.higher_is_better)
+    rows += memory_rows(proto.suite, B)
     rows += untested_rows({r["claim"] for r in rows}, first.task)
     verdicts = pd.DataFrame(rows)
     verdicts.insert(0, "suite", proto.suite)
@@ -265,8 +287,8 @@ def write_verdict(params_path) -> Path:
     show = verdicts[[c for c in ("claim", "statement", "pair", "metric", "seeds", "mean_diff", "ci_low", "ci_high",
                                  "p_db_ge_e2e", "margin", "verdict", "note") if c in verdicts]].copy()
     for c in ("mean_diff", "ci_low", "ci_high", "margin"):
-        a_rows = show["claim"] == "a"
-        show.loc[a_rows, c] = scale * show.loc[a_rows, c].astype(float)
+        scored = show["claim"].isin(["a", "b", "c"])   # metric differences (d: ratios, unscaled)
+        show.loc[scored, c] = scale * show.loc[scored, c].astype(float)
     pair_cols = [c for c in ("pair", "e2e_arm", "db_arm", "seeds", "missing_seeds", "flop_ratio_db_e2e",
                              "param_ratio_db_e2e", "compute", "val_mean_diff") if c in verdicts]
     pairs = verdicts[verdicts["claim"] == "a"][pair_cols].copy()

@@ -36,7 +36,7 @@ from bench.sweep import as_overrides, search_distributions
 
 def tuned_arms(params_path) -> list[str]:
     raw, proto = read_params(params_path), load_protocol(params_path)
-    return [a for a in proto.arms if (raw["arms"][a] or {}).get(TUNED_KEY)]
+    return [a for a in proto.arms if (raw["arms"][a] or {}).get(TUNED_KEY) is True]
 
 
 def _space(proto, cfg) -> dict:

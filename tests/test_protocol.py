@@ -135,3 +135,51 @@ def test_verdict_follows_interval_and_margin():
     # lower is better (BPC): DB 3.1 vs E2E 3.4 on every seed → DB better, sign positive
     r = compare_pair([3.4, 3.41, 3.39], [3.1, 3.12, 3.09], higher_is_better=False, margin=0.03, relative=True)
     assert r["mean_diff"] > 0 and r["verdict"] == "better" and r["p_db_ge_e2e"] == 1.0
+
+
+def test_tuned_variant_takes_its_donors_settings_and_its_one_change(tmp_path, fashion_root):
+    """`tuned: tuned_dblocks` = that arm's settings and tuned overrides, plus the variant's change;
+    a change to a key the tuning chose would be overwritten, so it is refused."""
+    p, _ = tune_in(tmp_path, fashion_root)
+    raw = yaml.safe_load(p.read_text())
+    raw["arms"]["tuned_dblocks"]["diffusion.gamma"] = 0.02
+    raw["arms"]["variant"] = {"tuned": "tuned_dblocks", "diffusion.partition": "log-uniform"}
+    raw["arms"]["clash"] = {"tuned": "tuned_dblocks", "train.lr": 1.0e-3}
+    raw["arms"]["no_donor"] = {"tuned": "dblocks", "diffusion.partition": "linear"}
+    p.write_text(yaml.safe_dump(raw))
+    base, variant = load_config(p, "tuned_dblocks"), load_config(p, "variant")
+    assert variant.mode == "dblocks" and variant.diffusion.partition == "log-uniform"
+    assert (variant.train.lr, variant.diffusion.P_mean, variant.diffusion.gamma) == \
+        (base.train.lr, base.diffusion.P_mean, 0.02)
+    with pytest.raises(ConfigError, match="train.lr"):
+        load_config(p, "clash")
+    with pytest.raises(ConfigError, match="tuned: true"):
+        load_config(p, "no_donor")
+
+
+def test_design_claim_rows_are_signed_for_the_papers_choice(tmp_path, fashion_root):
+    """Claims (b, c): positive = the paper's choice is better; the verdict follows the interval."""
+    import json
+
+    import pandas as pd
+
+    from bench.protocol import load_protocol
+    from bench.report_verdict import claim_rows
+
+    p = tmp_path / "params.yaml"
+    raw = yaml.safe_load(TUNE_PARAMS.format(runs=tmp_path / "runs", results=tmp_path / "results", root=fashion_root))
+    raw["arms"]["dblocks_linear"] = {"mode": "dblocks", "diffusion.partition": "linear"}
+    raw["protocol"]["claims"] = {"b": {"linear": ["dblocks", "dblocks_linear"]}}
+    raw["protocol"]["claim_seeds"] = [0, 1, 2]
+    p.write_text(yaml.safe_dump(raw))
+    for arm, acc in (("dblocks", 0.80), ("dblocks_linear", 0.70)):
+        for seed in (0, 1, 2):
+            out = tmp_path / "runs/tiny" / arm / f"seed{seed}"
+            out.mkdir(parents=True)
+            (out / "eval.json").write_text(json.dumps({"metric": "test_acc", "test_acc": acc + 0.01 * seed,
+                                                       "val_acc": acc - 0.01 * seed}))
+            pd.DataFrame([{"optimizer_steps": 3, "layer_evals": 3, "train_time_s": 1.0, "peak_mem_bytes": 1,
+                           "git_sha": "0" * 40, "device": "cpu"}]).to_csv(out / "summary.csv", index=False)
+    (row,) = claim_rows(p, load_protocol(p), higher_is_better=True, log=lambda *_: None)
+    assert row["claim"] == "b" and row["db_arm"] == "dblocks" and row["seeds"] == 3
+    assert row["mean_diff"] == pytest.approx(0.10) and row["verdict"] == "better"
