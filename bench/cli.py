@@ -13,6 +13,7 @@
   bench train   suites/vit_fashion/params.yaml --arm e2e --seed 3   one seed of the verdict protocol
   bench verdict suites/vit_fashion/params.yaml              paired differences over seeds, intervals, verdicts
   bench report                                                results/README.md: our numbers beside the paper's
+  bench summary suites/vit_fashion/params.yaml              print a suite's verdicts
   bench check [--update]                                      regression check of every suite's CI config
   bench run     suites/vit_fashion/params.yaml                all of the above, without DVC
 """
@@ -204,6 +205,11 @@ def cmd_report(a) -> None:
     print(f"wrote {write_results_readme(a.out)}")
 
 
+def cmd_summary(a) -> None:
+    from bench.report import suite_summary
+    print(suite_summary(a.params))
+
+
 def cmd_lm_report(a) -> None:
     from bench.tasks.lm_report import report
     print(f"wrote {report(a.params)}")
@@ -340,6 +346,9 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("--out", default="results/README.md")
     q.set_defaults(func=cmd_report)
 
+    q = sub.add_parser("summary", help="print a suite's verdicts (the last step of `dvc repro suites/<name>`)")
+    q.add_argument("params", help="a suite's params.yaml")
+    q.set_defaults(func=cmd_summary)
     suite_cmd("lm-report", cmd_lm_report, "language-model suite: comparison.md with metric definitions, "
               "quality vs counted compute", arm=False)
     q = suite_cmd("run", cmd_run, "prepare, train (resuming), evaluate every arm, compare", arm=False)

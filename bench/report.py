@@ -304,3 +304,17 @@ def write_results_readme(out: str | Path = "results/README.md", suites_root: str
                 continue
             lines.append(f"Also: [{extra.parent.name}/{extra.name}]({extra.parent.name}/{extra.name})\n")
     return atomic.write_text(out, "\n".join(lines))
+
+
+def suite_summary(params_path) -> str:
+    """What a finished `dvc repro suites/<name>` prints: the suite's tested verdicts, or where its
+    one-seed comparison is (a read-only step: it writes nothing)."""
+    raw = read_params(params_path)
+    suite = str(raw.get("suite") or Path(params_path).parent.name)
+    out = Path(raw.get("results_dir") or "results") / suite
+    if (out / "verdict.csv").exists():
+        table = pd.read_csv(out / "verdict.csv")
+        return f"{suite}: {out / 'comparison.md'}\n" + verdict_markdown(table)
+    if (out / "comparison.md").exists():
+        return f"{suite} (pre-protocol, one seed): {out / 'comparison.md'}\n"
+    raise FileNotFoundError(f"{suite} has no results in {out}: run `dvc repro suites/{suite}/dvc.yaml` first")
