@@ -125,7 +125,7 @@ def compare(params_path: str | Path, results_dir: str | Path | None = None, note
 
     # the gap along the curve, at equal compute fractions
     points = max(len(df) for df in curves.values())
-    along = pd.DataFrame({"fraction_of_budget": [f"{i + 1}/{points}" for i in range(points)]})
+    along = pd.DataFrame({"fraction_of_budget": [round((i + 1) / points, 4) for i in range(points)]})   # numeric: DVC plots
     for arm, df in curves.items():
         along[arm] = (scale * df[metric]).round(4).tolist() + [float("nan")] * (points - len(df))
     atomic.write_csv(out / "learning_curve.csv", along)

@@ -228,6 +228,9 @@ def _curve(params_path, proto: Protocol, metric: str, higher_is_better: bool, ou
     df = pd.DataFrame(rows)
     curve = df.groupby(["arm", "epochs_equiv"])["value"].agg(["mean", "min", "max", "count"]).reset_index()
     atomic.write_csv(out / "learning_curve.csv", curve)
+    # the same means one column per arm: what `dvc plots show` draws (it cannot split rows by arm)
+    atomic.write_csv(out / "learning_curve_by_arm.csv",
+                     curve.pivot(index="epochs_equiv", columns="arm", values="mean").reindex(columns=proto.arms).reset_index())
     scale = 100 if metric.endswith("acc") else 1
     fig, ax = plt.subplots(figsize=(7, 4.5))
     for i, arm in enumerate(proto.arms):
