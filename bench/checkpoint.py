@@ -54,14 +54,23 @@ def config_diff(old: dict, cfg: RunConfig) -> list[str]:
     return sorted(diff)
 
 
-def open_for_resume(path: Path, cfg: RunConfig, resume: bool | str, device, log) -> dict | None:
+def open_for_resume(path: Path, cfg: RunConfig, resume: bool | str, device, log,
+                    total_steps: int | None = None) -> dict | None:
     """The checkpoint to continue from, or None to start afresh.  resume: False, True (refuse a
-    checkpoint made with other params) or "auto" (move it aside to ckpt.stale.pt instead)."""
+    checkpoint made with other params) or "auto" (move it aside to ckpt.stale.pt instead).
+    "auto" also starts afresh from a *finished* checkpoint whose final.pt is gone: DVC removes a
+    stage's outputs before it reruns it (`dvc repro -f`, or its code changed), so that is a retrain."""
     if not resume or not path.exists():
         if resume is True:
             log(f"--resume: no checkpoint at {path}; starting afresh")
         return None
     ckpt = torch.load(path, map_location=device, weights_only=False)
+    if (resume == "auto" and total_steps is not None and ckpt["state"]["step"] >= total_steps
+            and not (path.parent / "final.pt").exists()):
+        log(f"{path} is a finished run whose final.pt is gone (dvc repro -f, or changed deps): moved to "
+            f"ckpt.finished.pt, training afresh")
+        path.replace(path.with_name("ckpt.finished.pt"))
+        return None
     diff = config_diff(ckpt["config"], cfg)
     if diff and resume == "auto":
         log(f"{path} was made with different params ({', '.join(diff)}); moved to ckpt.stale.pt, starting afresh")

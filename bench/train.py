@@ -267,7 +267,7 @@ def train(cfg: RunConfig, params_path: str | Path | None = None, resume: bool | 
               budget, device, env, GradSync(env, world, restricted, freeze_step), streams, out / "ckpt.pt",
               {"step": 0, "layer_evals": 0, "train_time": 0.0, "history": [], "log": [], "step_times": [],
                "memory": {}, "mlflow_run_id": None}, ema, parallelize.make_scaler(cfg, device))
-    ckpt = checkpoint.open_for_resume(run.ckpt_path, cfg, resume, device, log)
+    ckpt = checkpoint.open_for_resume(run.ckpt_path, cfg, resume, device, log, budget.total_steps)
     if ckpt is not None:
         run.state = checkpoint.restore(ckpt, model, run.optimizer, run.block_sampler, run.noise_gen, device, ema,
                                        run.scaler)

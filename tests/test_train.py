@@ -76,6 +76,28 @@ def test_resume_refuses_changed_params(tmp_path, fashion_root):
         train(load_config(p, "e2e", ["train.lr=1e-4"]), resume=True, progress=False, log=lambda *_: None)
 
 
+def test_forced_rerun_retrains_a_finished_run_from_scratch(tmp_path, fashion_root):
+    """DVC deletes final.pt before it reruns a train stage (`dvc repro -f`, or its code changed):
+    --resume-if-compatible must then train from step 0, not re-save the finished checkpoint."""
+    p = make_params(tmp_path, fashion_root, n_train=256)
+    cfg = load_config(p, "e2e")
+    train(cfg, progress=False, log=lambda *_: None)
+    out = tmp_path / "runs/tiny/e2e"
+    (out / "final.pt").unlink()
+    lines = []
+    summary = train(load_config(p, "e2e"), resume="auto", progress=False, log=lines.append)
+    assert any("training afresh" in line for line in lines) and not any("resumed" in line for line in lines)
+    assert (out / "ckpt.finished.pt").exists() and (out / "final.pt").exists()
+    assert summary["optimizer_steps"] == 4
+    lines.clear()   # a run killed before its end still resumes
+    ckpt = torch.load(out / "ckpt.pt", weights_only=False)
+    ckpt["state"]["step"] = 2
+    torch.save(ckpt, out / "ckpt.pt")
+    (out / "final.pt").unlink()
+    train(load_config(p, "e2e"), resume="auto", progress=False, log=lines.append)
+    assert any("resumed" in line and "step 2/4" in line for line in lines)
+
+
 def test_non_finite_loss_stops_and_keeps_last_good_checkpoint(tmp_path, fashion_root, monkeypatch):
     p = make_params(tmp_path, fashion_root)
     cfg = load_config(p, "dblocks")
