@@ -21,11 +21,12 @@
 from __future__ import annotations
 
 import argparse
+import hashlib
 import os
 import sys
 from pathlib import Path
 
-from bench import atomic
+from bench import atomic, track
 from bench.config import ConfigError, arm_names, load_config
 
 
@@ -92,8 +93,15 @@ def cmd_prepare(a) -> None:
         b = make_budget(cfg, task.num_train)
         plan[arm] = {"mode": cfg.mode, **b.__dict__}
         print(f"{arm:>24}: {cfg.mode:<13} {b.total_steps:>8} steps (e2e-equivalent {b.e2e_steps}), warm-up {b.warmup_steps}")
-    raw_suite = load_config(a.params, arms[0]).suite
-    atomic.write_json(Path("runs") / raw_suite / "plan.json", plan)
+    first = load_config(a.params, arms[0], tuning=True)
+    suite = first.suite
+    record = {"arms": plan}
+    if track.enabled():   # the suite run's MLflow parent, opened once here (DVC's prepare stage)
+        sha = track.git_sha()
+        key = track.suite_key(a.params, sha, a.set)
+        record["mlflow"] = {"parent_run_id": track.find_parent_run(suite, key, a.params, a.set), "suite_key": key,
+                            "git_sha": sha}
+    atomic.write_json(Path(first.out_dir).parent / "plan.json", record)   # runs/<suite>/plan.json
 
 
 def torchrun_argv(nproc: int, argv: list[str]) -> list[str]:
@@ -110,17 +118,27 @@ def torchrun_argv(nproc: int, argv: list[str]) -> list[str]:
             "-m", "bench", *rest]
 
 
+def run_config(a, extra=()):
+    """The arm's config from the command line.  A run with --set overrides is a smoke run, never
+    the suite's own: it lives in a subdirectory named by its overrides (so `bench compare` and
+    `bench verdict` never read it) and `bench evaluate` with the same --set scores it."""
+    cfg = load_config(a.params, a.arm, [*a.set, *extra], seed=a.seed)
+    if a.set:
+        tag = "set-" + hashlib.sha1("\n".join(sorted(a.set)).encode()).hexdigest()[:8]
+        cfg.out_dir = str(Path(cfg.out_dir) / tag)
+        print(f"--set {' '.join(a.set)}: a smoke run in {cfg.out_dir} (not the suite's results)", flush=True)
+    return cfg
+
+
 def cmd_train(a) -> None:
     from bench.train import train
-    if a.block_parallel:
-        a.set = [*(a.set or []), "train.block_parallel=true"]
-    cfg = load_config(a.params, a.arm, a.set, seed=a.seed)   # bad params fail here, before any launch
+    cfg = run_config(a, ["train.block_parallel=true"] if a.block_parallel else [])   # bad params fail here
     if a.nproc > 1:
         argv = torchrun_argv(a.nproc, sys.argv[1:])
         print("launching: " + " ".join(argv[2:]), flush=True)
         os.execv(sys.executable, argv)
     s = train(cfg, params_path=a.params, resume="auto" if a.resume_if_compatible else a.resume,
-              progress=not a.no_progress)
+              progress=not a.no_progress, overrides=a.set)
     if not s:   # a rank other than 0: rank 0 reports
         return
     print(f"{cfg.suite}/{cfg.arm}: {s['metric']} {s[s['metric']]:.4f} after {s['optimizer_steps']} steps "
@@ -129,7 +147,7 @@ def cmd_train(a) -> None:
 
 def cmd_evaluate(a) -> None:
     from bench.evaluate import evaluate_arm
-    evaluate_arm(load_config(a.params, a.arm, a.set, seed=a.seed))
+    evaluate_arm(run_config(a))
 
 
 def cmd_compare(a) -> None:
@@ -220,6 +238,9 @@ def cmd_run(a) -> None:
     from bench.report import compare
     from bench.train import train
     from bench.config import read_params
+    if a.set:
+        raise ConfigError("bench run writes the suite's own results: it takes no --set (for a smoke run: "
+                          "bench train PARAMS --arm ARM --set …, which writes under runs/ only)")
     cmd_prepare(argparse.Namespace(params=a.params, arm=None, set=a.set))
     if "protocol" in read_params(a.params):   # tune, then every arm of every pair over the protocol's seeds
         from bench.protocol import load_protocol

@@ -42,5 +42,6 @@ def evaluate_arm(cfg: RunConfig, log=print) -> dict:
                            if not suffix or isinstance(v, float)})
     log(f"{cfg.suite}/{cfg.arm}: " + ", ".join(f"{k} {v:.4f}" for k, v in result.items() if isinstance(v, float)))
     atomic.write_json(out / "eval.json", result)
-    track.log_final(cfg.suite, cfg.arm, metrics=result)   # on the arm's MLflow run, as final/<key>
+    summary = saved.get("summary") or {}
+    track.log_final(cfg.suite, cfg.arm, metrics=result, run_id=summary.get("mlflow_run_id"))   # as final/<key>
     return result

@@ -25,7 +25,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from bench import atomic
+from bench import atomic, track
 from bench.config import ConfigError, load_config, read_params
 from bench.protocol import Protocol, load_protocol
 from bench.report import _command, _markdown_table
@@ -332,4 +332,6 @@ def write_verdict(params_path) -> Path:
                                           for k in ("mean_diff", "ci_low", "ci_high", "verdict", "seeds") if k in r and pd.notna(r[k])}
                          for _, r in verdicts[verdicts["claim"] == "a"].iterrows()}}
     atomic.write_json(out / "metrics.json", metrics)
-    return atomic.write_text(out / "comparison.md", "\n".join(md))
+    written = atomic.write_text(out / "comparison.md", "\n".join(md))
+    track.log_suite_artifacts(proto.suite, params_path, [written, out / "verdict.csv", out / "seeds.csv", png])
+    return written

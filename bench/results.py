@@ -34,7 +34,24 @@ def run_summary(cfg, task, state: dict, prov: dict, epochs_equiv: float) -> dict
     }
 
 
+def summary_metrics(summary: dict) -> dict:
+    """The summary's results as MLflow metrics: memory in MiB (an unmeasured -1 left out), and
+    not the settings (seed, B: params of the run already)."""
+    out = {}
+    for k, v in summary.items():
+        if not isinstance(v, (int, float)) or isinstance(v, bool) or k in ("seed", "num_blocks"):
+            continue
+        if k.endswith("_bytes") or k.startswith("peak_mem_"):
+            if v >= 0:
+                out[k.removesuffix("_bytes") + "_MiB"] = v / 2**20
+        else:
+            out[k] = v
+    return out
+
+
 def write_outputs(out: Path, cfg, summary: dict, state: dict, weights: dict, tracker, ema_weights=None) -> None:
+    if tracker is not None and tracker.run_id:
+        summary = {**summary, "mlflow_run_id": tracker.run_id}   # `bench evaluate` logs onto this run
     atomic.torch_save(out / "final.pt", {"config": cfg.to_dict(), "model": weights, "summary": summary,
                                          **({"ema": ema_weights} if ema_weights is not None else {})})
     atomic.write_csv(out / "history.csv", pd.DataFrame(state["history"]))
@@ -43,6 +60,6 @@ def write_outputs(out: Path, cfg, summary: dict, state: dict, weights: dict, tra
     atomic.write_json(out / "metrics.json", {**summary, "memory_by_block": state["memory"]})
     if tracker is None:
         return
-    tracker.log_metrics({k: v for k, v in summary.items() if isinstance(v, (int, float)) and not isinstance(v, bool)})
+    tracker.log_metrics(summary_metrics(summary))
     for name in ("summary.csv", "history.csv", "params.yaml"):
         tracker.log_artifact(out / name)

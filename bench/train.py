@@ -222,12 +222,13 @@ class Run:
 
 
 def train(cfg: RunConfig, params_path: str | Path | None = None, resume: bool | str = False,
-          progress: bool = True, log=print, on_eval=None, parent_run_id: str | None = None) -> dict:
+          progress: bool = True, log=print, on_eval=None, parent_run_id: str | None = None, overrides=()) -> dict:
     """Train one arm.  resume: False (start afresh), True (continue from ckpt.pt; refuse if it was
     made with other params) or "auto" (continue if it was made with the same params, otherwise
     move it aside to ckpt.stale.pt and start afresh: what a pipeline rerun after a params edit needs).
     on_eval(step, metrics) is called at every learning-curve point (a sweep prunes from it);
-    parent_run_id puts the MLflow run under that run instead of the suite's parent run.
+    parent_run_id puts the MLflow run under that run instead of the suite's parent run; overrides
+    (the command line's --set) give the run a parent run of its own.
     Under torchrun: data-parallel (bench.distributed), or block-parallel with
     train.block_parallel (bench.parallel: this rank's group trains its block, rank 0 assembles)."""
     if cfg.train.threads:
@@ -284,11 +285,12 @@ def train(cfg: RunConfig, params_path: str | Path | None = None, resume: bool | 
         atomic.write_text(out / "params.yaml", yaml.safe_dump({**cfg.to_dict(), "provenance": prov,
                                                               "budget": budget.__dict__}, sort_keys=False))
     tracker = track.Tracker(cfg.suite, cfg.arm, params_path, run_id=state["mlflow_run_id"], parent_run_id=parent_run_id,
-                            main_process=env.is_main)
+                            main_process=env.is_main, overrides=overrides)
     state["mlflow_run_id"] = tracker.run_id
     if state["step"] == 0:
         tracker.log_params({**cfg.to_dict(), "budget": budget.__dict__})
-        tracker.set_tags({"bench.arm": cfg.arm, "bench.mode": cfg.mode, **{f"bench.{k}": v for k, v in prov.items()}})
+        tracker.set_tags({"bench.arm": cfg.arm, "bench.mode": cfg.mode, "bench.seed": cfg.train.seed,
+                          **{f"bench.{k}": v for k, v in prov.items()}})
 
     # a block-restricted run cannot be scored alone: block-parallel scores the assembled model at the end
     evals_at = set() if restricted else curve_steps(budget, cfg.train.curve_points)
