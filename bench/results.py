@@ -50,8 +50,6 @@ def summary_metrics(summary: dict) -> dict:
 
 
 def write_outputs(out: Path, cfg, summary: dict, state: dict, weights: dict, tracker, ema_weights=None) -> None:
-    if tracker is not None and tracker.run_id:
-        summary = {**summary, "mlflow_run_id": tracker.run_id}   # `bench evaluate` logs onto this run
     atomic.torch_save(out / "final.pt", {"config": cfg.to_dict(), "model": weights, "summary": summary,
                                          **({"ema": ema_weights} if ema_weights is not None else {})})
     atomic.write_csv(out / "history.csv", pd.DataFrame(state["history"]))

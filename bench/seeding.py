@@ -23,7 +23,7 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-STREAMS = ("init", "data_order", "block", "noise", "augment", "dropout", "blocks")   # append only: an index is a seed
+STREAMS = ("init", "data_order", "block", "noise", "augment", "dropout", "blocks", "sweep")   # append only: an index is a seed
 
 
 def stream_seed(seed: int, stream: str, *key: int) -> int:

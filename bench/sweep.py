@@ -16,10 +16,13 @@ A suite declares its sweep in params.yaml:
         diffusion.gamma: {low: 0.0, high: 0.1}    # a range: uniform (int if both ends are ints)
         diffusion.P_mean: {low: -1.2, high: 1.2}
 
-The study is stored in sqlite (runs/<suite>/sweep/optuna.db), so a killed sweep continues with
-`--resume`: an unfinished trial is retried with the same params (and its training resumes from
-its checkpoint); a proposal identical to a finished trial is discarded, so no configuration is
-trained twice.  Each trial is an MLflow child run under the sweep's parent run.
+The study is stored in sqlite (runs/<suite>/sweep/optuna.db) under a name fingerprinting the
+space, the trial budget and the arm's settings, so a killed sweep continues with `--resume`: an
+unfinished trial is retried with the same params (and its training resumes from its checkpoint);
+a proposal identical to a finished trial is discarded, so no configuration is trained twice.  The
+sampler is re-seeded from the study's history before each proposal, so a resumed sweep proposes
+what an uninterrupted one would.  Each trial is an MLflow child run under the sweep's parent run
+(tagged with its trial number; the trial records the run's id).
 
 Outputs in results/<suite>/: sweep.csv, sweep_front.png (Pareto front, or the optimisation
 history for one objective), sweep_importance.png, best_params.yaml (params.yaml sections,
@@ -31,12 +34,14 @@ from __future__ import annotations
 import hashlib
 import json
 import statistics
+import warnings
 from pathlib import Path
 
 import pandas as pd
 import yaml
 
 from bench import atomic, track
+from bench.seeding import stream_seed
 from bench.config import ConfigError, load_config, read_params, section_class
 from bench.splits import metric_on, selection
 
@@ -126,9 +131,13 @@ def run_sweep(params_path: str | Path, study_name: str | None = None, trials: in
     directions = ["maximize" if (o == selection_metric and task_cls.higher_is_better) else "minimize" for o in objectives]
     searchable = set(SEARCHABLE) | set(spec.get("searchable") or [])
     dists = search_distributions(spec["space"], searchable, base.task, base.model["arch"], params_path)
-    study_name = study_name or suite
+    # everything a trial's figure depends on: a changed space, budget or base param (`dvc exp run
+    # -S train.lr=…`) is another study, named by this fingerprint unless --study names one
     fingerprint = json.dumps({"space": spec["space"], "objectives": objectives, "arm": arm,
-                              "overrides": spec.get("overrides") or {}, "seeds": seeds}, sort_keys=True)
+                              "overrides": spec.get("overrides") or {}, "seeds": seeds,
+                              "sampler": spec.get("sampler", "tpe"), "pruning": spec.get("pruning", True),
+                              "base": base.to_dict()}, sort_keys=True, default=str)
+    study_name = study_name or f"{suite}-{hashlib.sha1(fingerprint.encode()).hexdigest()[:8]}"
 
     root = Path("runs") / suite / "sweep"
     root.mkdir(parents=True, exist_ok=True)
@@ -147,24 +156,33 @@ def run_sweep(params_path: str | Path, study_name: str | None = None, trials: in
             raise ConfigError(f"study {study_name!r} already exists in {root / 'optuna.db'}; continue it with --resume "
                               f"or name a new one with --study")
     else:
-        sampler = optuna.samplers.TPESampler(seed=seeds[0], multivariate=True) if spec.get("sampler", "tpe") == "tpe" \
-            else optuna.samplers.RandomSampler(seed=seeds[0])
-        pruner = optuna.pruners.MedianPruner(n_startup_trials=2, n_warmup_steps=0) \
-            if spec.get("pruning", True) and len(objectives) == 1 else optuna.pruners.NopPruner()
-        study = optuna.create_study(study_name=study_name, storage=storage, directions=directions,
-                                    sampler=sampler, pruner=pruner)
+        study = optuna.create_study(study_name=study_name, storage=storage, directions=directions)
         study.set_user_attr("fingerprint", fingerprint)
+    study.pruner = optuna.pruners.MedianPruner(n_startup_trials=2, n_warmup_steps=0) \
+        if spec.get("pruning", True) and len(objectives) == 1 else optuna.pruners.NopPruner()
+    with warnings.catch_warnings():   # set_metric_names is marked experimental
+        warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+        study.set_metric_names(["peak memory (bytes)" if o == MEMORY_OBJECTIVE else o for o in objectives])
 
-    # a trial that was running when the sweep was killed: mark it failed and retry its params
+    def sampler_for_next_trial():
+        """Seeded by the study's history (finished and discarded trials), not by how many times
+        this process asked: a killed and resumed sweep proposes what an uninterrupted one would."""
+        key = (len(done()), sum(1 for t in study.get_trials(deepcopy=False) if "discarded" in t.user_attrs
+                                or "invalid" in t.user_attrs))
+        seed = stream_seed(seeds[0], "sweep", *key) % 2**32
+        return optuna.samplers.TPESampler(seed=seed, multivariate=True) if spec.get("sampler", "tpe") == "tpe" \
+            else optuna.samplers.RandomSampler(seed=seed)
+
+    # a trial that was running when the sweep was killed (one process per study): failed, retried
     for t in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)):
-        study._storage.set_trial_state_values(t._trial_id, TrialState.FAIL)
+        study.tell(t.number, state=TrialState.FAIL)
         study.enqueue_trial(t.params, user_attrs={"retry_of": t.number})
         log(f"sweep {study_name}: trial {t.number} was interrupted; retrying its params")
 
     parent = None
     if track.enabled():
         mlflow = track._mlflow()
-        mlflow.set_experiment(suite)
+        track._experiment(mlflow, suite)
         found = mlflow.search_runs(filter_string=f"tags.`bench.sweep` = '{study_name}'", output_format="list", max_results=1)
         parent = found[0].info.run_id if found else mlflow.MlflowClient().create_run(
             mlflow.get_experiment_by_name(suite).experiment_id,
@@ -176,10 +194,11 @@ def run_sweep(params_path: str | Path, study_name: str | None = None, trials: in
     attempts = 0
     while len(done()) < n_trials and attempts < 10 * n_trials:
         attempts += 1
+        study.sampler = sampler_for_next_trial()
         trial = study.ask(dists)
         params = {k: trial.params[k] for k in dists}
         if any(t.params == params for t in done()):
-            study._storage.set_trial_user_attr(trial._trial_id, "discarded", "duplicate of a finished trial")
+            trial.set_user_attr("discarded", "duplicate of a finished trial")
             study.tell(trial, state=TrialState.FAIL)
             log(f"sweep {study_name}: trial {trial.number} discarded (same params as a finished trial)")
             continue
@@ -187,7 +206,7 @@ def run_sweep(params_path: str | Path, study_name: str | None = None, trials: in
             cfgs = [load_config(params_path, arm, as_overrides(spec.get("overrides") or {}) + as_overrides(params)
                                 + [f"train.seed={s}"]) for s in seeds]
         except ConfigError as e:  # e.g. a layer distribution that does not fit the sampled B
-            study._storage.set_trial_user_attr(trial._trial_id, "invalid", str(e))
+            trial.set_user_attr("invalid", str(e))
             study.tell(trial, state=TrialState.FAIL)
             log(f"sweep {study_name}: trial {trial.number} skipped: {e}")
             continue
@@ -205,8 +224,11 @@ def run_sweep(params_path: str | Path, study_name: str | None = None, trials: in
                             raise optuna.TrialPruned(f"pruned at step {step}")
 
                 with selection(f"sweep {study_name}"):
-                    summary = train(cfg, resume="auto", progress=False, log=log, on_eval=report, parent_run_id=parent)
+                    summary = train(cfg, resume="auto", progress=False, log=log, on_eval=report, parent_run_id=parent,
+                                    tags={"optuna.study": study_name, "optuna.trial_number": trial.number})
                 values.append([float(summary[o]) for o in objectives])
+                if summary.get("mlflow_run_id"):   # the trial ↔ its MLflow runs (one per seed)
+                    trial.set_user_attr(f"mlflow_run_id.seed{s}", summary["mlflow_run_id"])
         except optuna.TrialPruned:
             study.tell(trial, state=TrialState.PRUNED)
             log(f"sweep {study_name}: trial {trial.number} pruned")

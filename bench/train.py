@@ -222,13 +222,15 @@ class Run:
 
 
 def train(cfg: RunConfig, params_path: str | Path | None = None, resume: bool | str = False,
-          progress: bool = True, log=print, on_eval=None, parent_run_id: str | None = None, overrides=()) -> dict:
+          progress: bool = True, log=print, on_eval=None, parent_run_id: str | None = None, overrides=(),
+          tags: dict | None = None) -> dict:
     """Train one arm.  resume: False (start afresh), True (continue from ckpt.pt; refuse if it was
     made with other params) or "auto" (continue if it was made with the same params, otherwise
     move it aside to ckpt.stale.pt and start afresh: what a pipeline rerun after a params edit needs).
     on_eval(step, metrics) is called at every learning-curve point (a sweep prunes from it);
     parent_run_id puts the MLflow run under that run instead of the suite's parent run; overrides
-    (the command line's --set) give the run a parent run of its own.
+    (the command line's --set) give the run a parent run of its own; tags are set on its MLflow run
+    (a sweep's trial number).
     Under torchrun: data-parallel (bench.distributed), or block-parallel with
     train.block_parallel (bench.parallel: this rank's group trains its block, rank 0 assembles)."""
     if cfg.train.threads:
@@ -290,7 +292,7 @@ def train(cfg: RunConfig, params_path: str | Path | None = None, resume: bool | 
     if state["step"] == 0:
         tracker.log_params({**cfg.to_dict(), "budget": budget.__dict__})
         tracker.set_tags({"bench.arm": cfg.arm, "bench.mode": cfg.mode, "bench.seed": cfg.train.seed,
-                          **{f"bench.{k}": v for k, v in prov.items()}})
+                          **{f"bench.{k}": v for k, v in prov.items()}, **(tags or {})})
 
     # a block-restricted run cannot be scored alone: block-parallel scores the assembled model at the end
     evals_at = set() if restricted else curve_steps(budget, cfg.train.curve_points)
@@ -335,6 +337,8 @@ def train(cfg: RunConfig, params_path: str | Path | None = None, resume: bool | 
     if env.is_main:
         summary = results.run_summary(cfg, task, state, prov,
                                       state["layer_evals"] / (budget.steps_per_epoch * task.layout.depth))
+        if tracker.run_id:
+            summary["mlflow_run_id"] = tracker.run_id   # `bench evaluate`, sweeps and tuning link to this run
         with run.optimizer.materialize():
             results.write_outputs(out, cfg, summary, state, model.state_dict(), tracker,
                                   ema.module.state_dict() if ema is not None else None)

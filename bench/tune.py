@@ -13,7 +13,11 @@ spends the same budget; a diverged trial counts as a trial and scores nothing).
 Outputs: results/<suite>/tuned.yaml (the chosen overrides per arm, read by the pipeline's tuned
 arms), results/<suite>/tuning.csv (every trial of every arm: its params and validation score) and
 results/<suite>/tuning.md.  Studies live in runs/<suite>/tune/optuna.db, named by a fingerprint
-of the arm, space and budget; a killed `bench tune` continues where it stopped.
+of the arm, space and budget; a killed `bench tune` continues where it stopped (retrying the
+interrupted trial's params).  Unlike `bench sweep`, its sampler is seeded once per process, as
+when the committed tunings ran, so those reproduce exactly; a resumed tuning proposes different
+later trials from an uninterrupted one.  Each trial's MLflow run carries its trial number, and
+the trial records the run's id.
 """
 
 from __future__ import annotations
@@ -114,11 +118,14 @@ def tune_arm(params_path, arm: str, log=print) -> dict:
         log(f"tune {arm}: trial {trial.number + 1}/{spec.trials} {trial.params}")
         try:
             with selection(f"bench tune ({arm})"):
-                summary = train(cfg, resume="auto", progress=False, log=log)
+                summary = train(cfg, resume="auto", progress=False, log=log,
+                                tags={"optuna.study": name, "optuna.trial_number": trial.number})
         except NonFiniteLoss as e:
             trial.set_user_attr("diverged", str(e).split(";")[0])
             study.tell(trial, state=TrialState.FAIL)
             continue
+        if summary.get("mlflow_run_id"):
+            trial.set_user_attr("mlflow_run_id", summary["mlflow_run_id"])
         study.tell(trial, float(summary[metric]))
     best = study.best_trial
     trials = finished()

@@ -45,9 +45,13 @@ def suite(tmp_path, fashion_root, monkeypatch):
     return make
 
 
-def trials_of(name="tiny"):
-    study = optuna.load_study(study_name=name, storage="sqlite:///runs/tiny/sweep/optuna.db")
-    return study.get_trials()
+def trials_of(name=None):
+    """The trials of study `name`, or of the only study in the suite's database."""
+    storage = "sqlite:///runs/tiny/sweep/optuna.db"
+    if name is None:
+        (summary,) = optuna.get_all_study_summaries(storage)
+        name = summary.study_name
+    return optuna.load_study(study_name=name, storage=storage).get_trials()
 
 
 def test_killed_sweep_resumes_to_the_asked_count_without_duplicates(suite, monkeypatch):
@@ -87,7 +91,9 @@ def test_bad_search_spaces_are_refused(suite, space, message):
         run_sweep(suite(space), log=lambda *_: None)
 
 
-def test_a_study_with_another_space_is_refused_with_a_new_name(suite, monkeypatch):
+def test_a_changed_space_is_a_study_of_its_own(suite, monkeypatch):
+    """The study is named by a fingerprint of the space, budget and base settings: a changed
+    space (or `-S train.lr=…`) opens a new study; an explicitly named study refuses to mix."""
     seals = []
 
     def fake_train(cfg, **kw):
@@ -96,9 +102,38 @@ def test_a_study_with_another_space_is_refused_with_a_new_name(suite, monkeypatc
 
     monkeypatch.setattr(bench.train, "train", fake_train)
     run_sweep(suite(), trials=1, log=lambda *_: None)
-    assert seals == ["sweep tiny"]   # every trial trains with the test split sealed
-    with pytest.raises(ConfigError, match="different search space.*--study tiny-2"):
-        run_sweep(suite("{diffusion.num_blocks: [1, 2]}"), resume=True, log=lambda *_: None)
+    assert len(seals) == 1 and seals[0].startswith("sweep tiny-")   # every trial trains with the test split sealed
+    run_sweep(suite("{diffusion.num_blocks: [1, 2]}"), trials=1, log=lambda *_: None)
+    names = sorted(s.study_name for s in optuna.get_all_study_summaries("sqlite:///runs/tiny/sweep/optuna.db"))
+    assert len(names) == 2 and all(n.startswith("tiny-") for n in names)
+    run_sweep(suite(), trials=1, study_name="mine", log=lambda *_: None)
+    with pytest.raises(ConfigError, match="different search space.*--study mine-2"):
+        run_sweep(suite("{diffusion.num_blocks: [1, 2]}"), study_name="mine", resume=True, log=lambda *_: None)
+
+
+def test_a_resumed_sweep_proposes_what_an_uninterrupted_one_does(suite, monkeypatch):
+    """The sampler is seeded from the study's history, not from the process: kill a sweep in
+    its third trial, resume it, and the finished trials' params are the uninterrupted sweep's."""
+    space = "{diffusion.gamma: {low: 0.0, high: 0.1}, diffusion.P_mean: {low: -1.2, high: 1.2}}"
+    calls = []
+
+    def fake_train(cfg, **kw):
+        calls.append(1)
+        if len(calls) == 3:
+            raise KeyboardInterrupt
+        return {"val_acc": 1 - (cfg.diffusion.gamma - 0.03) ** 2 - 0.1 * cfg.diffusion.P_mean ** 2, "metric": "test_acc"}
+
+    monkeypatch.setattr(bench.train, "train", fake_train)
+    calls.extend([1] * 10)   # the uninterrupted sweep: no kill
+    run_sweep(suite(space), trials=5, study_name="straight", log=lambda *_: None)
+    calls.clear()
+    with pytest.raises(KeyboardInterrupt):
+        run_sweep(suite(space), trials=5, study_name="killed", log=lambda *_: None)
+    run_sweep(suite(space), trials=5, study_name="killed", resume=True, log=lambda *_: None)
+
+    def finished(name):
+        return [t.params for t in trials_of(name) if t.state.name == "COMPLETE"]
+    assert len(finished("straight")) == 5 and finished("killed") == finished("straight")
 
 
 def test_check_passes_on_its_baseline_and_catches_a_partition_bug(suite, monkeypatch, capsys):
