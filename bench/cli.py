@@ -263,25 +263,25 @@ def build_parser() -> argparse.ArgumentParser:
     sub = p.add_subparsers(dest="command", required=True)
 
     q = sub.add_parser("partition", help="print each block's σ range, layers and probability mass")
-    q.add_argument("-B", "--num-blocks", type=int, default=3)
+    q.add_argument("-B", "--num-blocks", type=int, default=3, help="number of blocks B (default 3)")
     q.add_argument("--strategy", default="equiprobable", help="equiprobable | log-uniform | linear | explicit")
     q.add_argument("--gamma", type=float, default=0.0, help="overlap γ (default 0)")
     q.add_argument("--depth", type=int, default=12, help="number of residual layers (default 12)")
     q.add_argument("--layers", default="", help="layer distribution, first block first, e.g. 2,4,6")
     q.add_argument("--edges", default="", help="explicit boundaries (B-1 interior values, or B+1 with the ends)")
     q.add_argument("--steps", type=int, default=0, help="inference σ points to assign to blocks (default B)")
-    q.add_argument("--P-mean", dest="P_mean", type=float, default=-1.2)
-    q.add_argument("--P-std", dest="P_std", type=float, default=1.2)
-    q.add_argument("--sigma-min", type=float, default=0.002)
-    q.add_argument("--sigma-max", type=float, default=80.0)
-    q.add_argument("--sigma-data", type=float, default=0.5)
+    q.add_argument("--P-mean", dest="P_mean", type=float, default=-1.2, help="mean of ln σ under the EDM log-normal")
+    q.add_argument("--P-std", dest="P_std", type=float, default=1.2, help="standard deviation of ln σ")
+    q.add_argument("--sigma-min", type=float, default=0.002, help="smallest noise level σ_min")
+    q.add_argument("--sigma-max", type=float, default=80.0, help="largest noise level σ_max")
+    q.add_argument("--sigma-data", type=float, default=0.5, help="σ_data of the EDM preconditioning")
     q.set_defaults(func=cmd_partition)
 
     q = sub.add_parser("data", help="obtain a dataset offline into data/")
     q.add_argument("dataset", help="fashion-mnist | shakespeare | austen | brown | text8 | lm1b | owt | "
                                    "text (with --source FILE_OR_DIR, or --params PARAMS: a suite's data section)")
     q.add_argument("--source", default=None, help="a directory that already holds the files (text: a file or directory)")
-    q.add_argument("--root", default="data")
+    q.add_argument("--root", default="data", help="directory the dataset goes into (default data/)")
     q.add_argument("--params", default=None, help="text: prepare what this suite's data section says")
     q.add_argument("--tokenizer", default=None, help="text: char (default) | bpe")
     q.add_argument("--vocab-size", type=int, default=None, help="text, bpe: vocabulary size (default 4096)")
@@ -292,7 +292,8 @@ def build_parser() -> argparse.ArgumentParser:
         q = sub.add_parser(name, help=help_)
         q.add_argument("params", help="a suite's params.yaml")
         if arm:
-            q.add_argument("--arm", required=arm_required, action=None if arm_required else "append")
+            q.add_argument("--arm", required=arm_required, action=None if arm_required else "append",
+                           help="an arm of the suite's `arms:`" + ("" if arm_required else " (repeatable; default: all)"))
         q.add_argument("--set", action="append", default=[], metavar="SECTION.KEY=VALUE",
                        help="override a param (repeatable)")
         if arm and arm_required:
@@ -307,7 +308,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="continue from the arm's ckpt.pt (refused if it was made with other params)")
     q.add_argument("--resume-if-compatible", action="store_true",
                    help="continue from ckpt.pt if it was made with the same params, else start afresh (DVC uses this)")
-    q.add_argument("--no-progress", action="store_true")
+    q.add_argument("--no-progress", action="store_true", help="no progress bars (clean logs under DVC)")
     q.add_argument("--nproc", type=int, default=1, help="data-parallel ranks on this machine: runs itself under "
                    "torchrun (gloo on CPU, NCCL on CUDA); train.batch_size is the global batch")
     q.add_argument("--block-parallel", action="store_true", help="dblocks: ranks grouped by block (B × dp of them), "
@@ -328,14 +329,15 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("--batch-sizes", default="128", help="e.g. 32,128 (default 128)")
     q.add_argument("--arms", default="e2e,e2e+accum,e2e+ckpt,dblocks,dblocks+ckpt",
                    help="arms to measure; e2e+accum: E2E as B micro-batches with accumulated gradients")
-    q.add_argument("--residency", default="resident,offload")
+    q.add_argument("--residency", default="resident,offload",
+                   help="DB block residency policies to measure: resident (all blocks on the device), offload")
     q.add_argument("--budget", default=None, help="also find the deepest model each arm trains within e.g. 2GiB")
     q.add_argument("--time-steps", type=int, default=3, help="timed steps per block (median)")
     q.add_argument("--max-depth", type=int, default=96, help="--budget: the depth search stops here (default 96)")
     q.add_argument("--resume", action="store_true",
                    help="keep the rows a killed run already measured (same arm, B, residency, batch, depth)")
     q.add_argument("--name", default=None, help="results/memory/<name>.{csv,md,png} (default: the suite)")
-    q.add_argument("--out", default="results/memory")
+    q.add_argument("--out", default="results/memory", help="output directory (default results/memory)")
     q.set_defaults(func=cmd_memory)
 
     from bench.cli_generation import add_commands as add_generation_commands  # fid-weights, fid-stats, latents, gen-report
@@ -364,7 +366,7 @@ def build_parser() -> argparse.ArgumentParser:
     q.set_defaults(func=cmd_check)
 
     q = sub.add_parser("report", help="results/README.md: every suite side by side with the paper")
-    q.add_argument("--out", default="results/README.md")
+    q.add_argument("--out", default="results/README.md", help="the report's path (default results/README.md)")
     q.set_defaults(func=cmd_report)
 
     q = sub.add_parser("summary", help="print a suite's verdicts (the last step of `dvc repro suites/<name>`)")
@@ -373,7 +375,7 @@ def build_parser() -> argparse.ArgumentParser:
     suite_cmd("lm-report", cmd_lm_report, "language-model suite: comparison.md with metric definitions, "
               "quality vs counted compute", arm=False)
     q = suite_cmd("run", cmd_run, "prepare, train (resuming), evaluate every arm, compare", arm=False)
-    q.add_argument("--no-progress", action="store_true")
+    q.add_argument("--no-progress", action="store_true", help="no progress bars (clean logs under DVC)")
     return p
 
 

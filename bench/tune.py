@@ -104,7 +104,11 @@ def tune_arm(params_path, arm: str, log=print) -> dict:
         study.tell(t.number, state=TrialState.FAIL)
         study.enqueue_trial(t.params)
         log(f"tune {arm}: trial {t.number} was interrupted; its params are queued again")
+    from tqdm import tqdm
+    bar = tqdm(total=spec.trials, initial=len(finished()), desc=f"tune {arm}", unit="trial", disable=None)
     while len(finished()) < spec.trials:
+        bar.n = len(finished())
+        bar.refresh()
         trial = study.ask(dists)
         overrides = as_overrides(spec.overrides) + as_overrides(trial.params)
         try:
@@ -127,6 +131,8 @@ def tune_arm(params_path, arm: str, log=print) -> dict:
         if summary.get("mlflow_run_id"):
             trial.set_user_attr("mlflow_run_id", summary["mlflow_run_id"])
         study.tell(trial, float(summary[metric]))
+    bar.n = len(finished())
+    bar.close()
     best = study.best_trial
     trials = finished()
     return {"overrides": {k: (json.loads(v) if isinstance(v, str) and v.startswith("[") else v)

@@ -93,3 +93,14 @@ def test_partition_command_prints_the_paper_boundaries(capsys):
     assert "0.0020, 0.1796, 0.5050, 80.0000" in out
     assert "[0.392, 80]" in out and "0.333" in out
     assert main(["partition", "-B", "13"]) == 2
+
+
+def test_every_command_line_option_has_help_text():
+    import argparse
+
+    from bench.cli import build_parser
+    missing = []
+    for name, sub in build_parser()._subparsers._group_actions[0].choices.items():
+        missing += [f"bench {name} {a.option_strings or a.dest}" for a in sub._actions
+                    if not isinstance(a, argparse._HelpAction) and not a.help]
+    assert not missing, missing

@@ -219,10 +219,15 @@ def features(net, images_uint8, batch_size: int = 100) -> torch.Tensor:
     out = []
     batches = ((images_uint8[i:i + batch_size] for i in range(0, len(images_uint8), batch_size))
                if isinstance(images_uint8, torch.Tensor) else images_uint8)
+    from tqdm import tqdm
+    total = len(images_uint8) if isinstance(images_uint8, torch.Tensor) else None
+    bar = tqdm(total=total, desc="Inception features", unit="img", disable=None, leave=False)   # off without a TTY
     for x in batches:
         if x.shape[1] == 1:
             x = x.expand(-1, 3, -1, -1)
         out.append(net(x.to(device))[0].double().cpu())
+        bar.update(len(x))
+    bar.close()
     return torch.cat(out) if out else torch.zeros(0, FEATURE_DIM, dtype=torch.float64)
 
 
