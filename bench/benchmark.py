@@ -311,8 +311,8 @@ def plot_memory(df: pd.DataFrame, path: Path, name: str) -> Path:
         ax.set_title(f"{mode}, {residency}", fontsize=9)
         ax.set_xlabel("blocks B")
         ax.grid(alpha=0.3, axis="y")
-    axes[0][0].set_ylabel("peak memory of a training step (MiB)")
-    axes[0][-1].legend(fontsize=7)
+        ax.legend(fontsize=7)   # per panel: the ideal line is e2e/B or e2e+ckpt/B depending on the panel
+    axes[0][0].set_ylabel("peak memory of a training step (MiB), lower is better")
     fig.suptitle(f"{name}: measured peak memory by component (batch {bs})", fontsize=10)
     fig.tight_layout()
     atomic.save_figure(path, fig)

@@ -92,7 +92,15 @@ def flop_note(table: pd.DataFrame) -> str:
             ", ".join(f"{a} {r:.2f}" for a, r in zip(table["arm"], ratios) if abs(r - 1) > 0.10))
 
 
-def plot_curves(curves: dict[str, pd.DataFrame], metric: str, path: Path, title: str) -> Path:
+LOWER_IS_BETTER = ("ppl", "bpc", "fid", "kid", "_ce", "loss")
+
+
+def better(metric: str) -> str:
+    """What a y axis says about its metric."""
+    return "lower is better" if any(k in metric for k in LOWER_IS_BETTER) else "higher is better"
+
+
+def plot_curves(curves: dict[str, pd.DataFrame], metric: str, path: Path, title: str, note: str = "") -> Path:
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
@@ -101,7 +109,7 @@ def plot_curves(curves: dict[str, pd.DataFrame], metric: str, path: Path, title:
     for arm, df in curves.items():
         ax.plot(df["epochs_equiv"], scale * df[metric], marker="o", label=arm)
     ax.set_xlabel("training compute (epoch-equivalents of full-depth layer evaluations)")
-    ax.set_ylabel(f"{metric}" + (" (%)" if scale == 100 else ""))
+    ax.set_ylabel(f"{metric}{' (%)' if scale == 100 else ''}{note}, {better(metric)}")
     ax.set_title(title, fontsize=10)
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8)
@@ -119,8 +127,10 @@ def compare(params_path: str | Path, results_dir: str | Path | None = None, note
     out = Path(results_dir or raw.get("results_dir") or "results") / suite
     table, curves, metric = collect(params_path)
     scale = 100 if metric.endswith("acc") else 1
+    curve_n = (read_params(params_path).get("eval") or {}).get("curve_fid_n")
+    note = f" at {curve_n} samples (the table: eval.fid_n)" if "fid" in metric and curve_n else ""
     curve_png = plot_curves(curves, metric, out / "learning_curve.png",
-                            f"{suite}: {metric} vs training compute (same budget for every arm)")
+                            f"{suite}: {metric} vs training compute (same budget for every arm)", note)
     atomic.write_csv(out / "comparison.csv", table)
 
     # the gap along the curve, at equal compute fractions

@@ -474,10 +474,29 @@ class GenerationTask(Task):
         return self.to_pixels(self.sample(model, labels, torch.Generator().manual_seed(self.cfg.eval.seed))).cpu()
 
     def save_grid(self, model, device, path: Path) -> Path:
-        from torchvision.utils import save_image
+        """The grid as a figure a reader can read: the arm in the title, the class on each row."""
+        import matplotlib
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+        from torchvision.utils import make_grid
+
+        from bench import atomic
+        from bench.data.images import CLASS_NAMES
+        cols = self.cfg.eval.grid_columns
         images = self.grid_images(model, device)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        save_image(images.float() / 255, path, nrow=self.cfg.eval.grid_columns, padding=1, pad_value=1.0)
+        grid = make_grid(images.float() / 255, nrow=cols, padding=1, pad_value=1.0).permute(1, 2, 0).numpy()
+        rows = len(images) // cols
+        names = CLASS_NAMES.get(self.cfg.data.dataset, ())
+        fig, ax = plt.subplots(figsize=(max(6.0, 0.6 * cols + 1.8), max(4.0, 0.6 * rows + 0.8)))
+        ax.imshow(grid, interpolation="nearest")
+        side = (grid.shape[0] - 1) / rows
+        ax.set_yticks([side * (r + 0.5) for r in range(rows)],
+                      [names[r] if r < len(names) else f"class {r}" for r in range(rows)], fontsize=8)
+        ax.set_xticks([])
+        ax.set_title(f"{self.cfg.suite} / {self.cfg.arm}: one row per class, {cols} fixed seeds "
+                     f"(eval.seed {self.cfg.eval.seed})", fontsize=9)
+        fig.tight_layout()
+        atomic.save_figure(path, fig, dpi=120)
         return path
 
     def sampling_cost(self, model, device, batch: int = 50, repeats: int = 3) -> dict:

@@ -169,12 +169,14 @@ def _plot_quality(curves: dict, path: Path, suite: str, candidates: list[str]) -
     if not keys:   # no test points on the curve (trained while the test split was sealed)
         return path
     fig, axes = plt.subplots(1, len(keys), figsize=(5 * len(keys), 4), squeeze=False)
+    colour = {arm: f"C{i}" for i, arm in enumerate(curves)}   # one colour per arm in every panel
     for ax, key in zip(axes[0], keys):
         for arm, df in curves.items():
             if key in df and "train_layer_evals" in df:
-                ax.plot(df["train_layer_evals"], df[key], marker="o", label=arm)
+                ax.plot(df["train_layer_evals"], df[key], marker="o", label=arm, color=colour[arm])
         ax.set_xlabel("training layer evaluations (counted, all unrolled iterations)")
-        ax.set_ylabel(key + (" (higher is better)" if key.startswith("mauve") else ""))
+        ax.set_ylabel(key + (", higher is better" if key.startswith("mauve") or key.startswith("distinct")
+                             else ", lower is better"))
         ax.set_yscale("linear" if key.startswith("mauve") else "log")
         ax.grid(alpha=0.3)
         ax.legend(fontsize=8)
