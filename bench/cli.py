@@ -223,6 +223,11 @@ def cmd_report(a) -> None:
     print(f"wrote {write_results_readme(a.out)}")
 
 
+def cmd_code_deps(a) -> None:
+    from bench.code_deps import write
+    print(f"wrote {len(write())} files under code/ (the files each pipeline command reads)")
+
+
 def cmd_summary(a) -> None:
     from bench.report import suite_summary
     print(suite_summary(a.params))
@@ -369,6 +374,8 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("--out", default="results/README.md", help="the report's path (default results/README.md)")
     q.set_defaults(func=cmd_report)
 
+    q = sub.add_parser("code-deps", help="code/*.sha256: the source files each pipeline command reads (DVC deps)")
+    q.set_defaults(func=cmd_code_deps)
     q = sub.add_parser("summary", help="print a suite's verdicts (the last step of `dvc repro suites/<name>`)")
     q.add_argument("params", help="a suite's params.yaml")
     q.set_defaults(func=cmd_summary)
