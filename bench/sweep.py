@@ -25,7 +25,7 @@ what an uninterrupted one would.  Each trial is an MLflow child run under the sw
 (tagged with its trial number; the trial records the run's id).
 
 Outputs in results/<suite>/: sweep.csv, sweep_front.png (Pareto front, or the optimisation
-history for one objective), sweep_importance.png, best_params.yaml (params.yaml sections,
+history for one objective; Optuna's own plots), sweep_importance.png and .csv (fANOVA, the bars as drawn), best_params.yaml (params.yaml sections,
 usable with `dvc exp run -S`).
 """
 
@@ -282,60 +282,52 @@ def write_outputs(study, suite: str, objectives: list[str], directions: list[str
     return out / "sweep.csv"
 
 
-def _plot_front(study, complete, objectives, directions, path: Path) -> None:
+def _optuna_figure(draw, path: Path, title: str) -> dict:
+    """One of Optuna's own matplotlib plots, saved (its experimental warning silenced); returns
+    the bars it drew (label → length), for a bar chart."""
     import matplotlib
     matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-    fig, ax = plt.subplots(figsize=(6, 4.2))
-    if len(objectives) > 1:
-        front = {t.number for t in study.best_trials}
-        x = [t.values[1] / 2**20 for t in complete]
-        y = [t.values[0] for t in complete]
-        ax.scatter(x, y, c=["C3" if t.number in front else "C0" for t in complete])
-        for t in complete:
-            ax.annotate(str(t.number), (t.values[1] / 2**20, t.values[0]), fontsize=7)
-        pts = sorted((t.values[1] / 2**20, t.values[0]) for t in complete if t.number in front)
-        ax.plot([p[0] for p in pts], [p[1] for p in pts], "C3--", label="Pareto front")
-        ax.set_xlabel("measured peak memory of a training step (MiB)")
-        ax.set_ylabel(objectives[0])
-        ax.legend(fontsize=8)
-        ax.set_title(f"{study.study_name}: {objectives[0]} vs memory ({directions[0]} / minimize)", fontsize=9)
-    else:
-        xs = [t.number for t in complete]
-        ys = [t.values[0] for t in complete]
-        best, running = [], None
-        for y in ys:
-            running = y if running is None else (max(running, y) if directions[0] == "maximize" else min(running, y))
-            best.append(running)
-        ax.plot(xs, ys, "o", label="trial")
-        ax.step(xs, best, where="post", label="best so far")
-        ax.set_xlabel("trial")
-        ax.set_ylabel(objectives[0])
-        ax.legend(fontsize=8)
-        ax.set_title(f"{study.study_name}: optimisation history", fontsize=9)
-    ax.grid(alpha=0.3)
+    import optuna
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+        ax = draw(optuna.visualization.matplotlib)
+    ax = ax[0] if hasattr(ax, "__len__") else ax
+    fig = ax.figure
+    fig.set_size_inches(7, 4.5)
+    ax.set_title("", loc="left")   # Optuna's generic heading: ours says which study and evaluator
+    ax.set_title(title, fontsize=9)
+    bars = {t.get_text(): p.get_width() for t, p in zip(ax.get_yticklabels(), ax.patches)}   # what a bar chart shows
     fig.tight_layout()
     atomic.save_figure(path, fig)
+    return bars
+
+
+def _plot_front(study, complete, objectives, directions, path: Path) -> None:
+    """Multi-objective: Optuna's Pareto front; one objective: its optimisation history."""
+    names = [f"{o} ({'higher' if d == 'maximize' else 'lower'} is better)" for o, d in zip(objectives, directions)]
+    if len(objectives) > 1:
+        _optuna_figure(lambda vis: vis.plot_pareto_front(study, target_names=names), path,
+                       f"{study.study_name}: Pareto front (red: non-dominated trials)")
+    else:
+        _optuna_figure(lambda vis: vis.plot_optimization_history(study, target_name=names[0]), path,
+                       f"{study.study_name}: optimisation history")
 
 
 def _plot_importance(study, objectives, path: Path) -> None:
+    """fANOVA importances, named explicitly (Optuna's default evaluator is not a promise) and
+    seeded, so the plot can be recomputed from the same trials."""
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
     import optuna
-    fig, ax = plt.subplots(figsize=(6, 3.5))
+    target = (lambda t: t.values[0]) if len(objectives) > 1 else None
     try:
-        # fANOVA named explicitly (Optuna's default evaluator is not a promise) and seeded, so the
-        # plot can be recomputed from the same trials
-        imp = optuna.importance.get_param_importances(
-            study, evaluator=optuna.importance.FanovaImportanceEvaluator(seed=0),
-            target=(lambda t: t.values[0]) if len(objectives) > 1 else None)
-        names, vals = list(imp)[::-1], list(imp.values())[::-1]
-        ax.barh(names, vals)
-        ax.set_xlabel(f"importance for {objectives[0]} (fANOVA)")
+        shown = _optuna_figure(lambda vis: vis.plot_param_importances(
+            study, evaluator=optuna.importance.FanovaImportanceEvaluator(seed=0), target=target,
+            target_name=objectives[0]), path, f"{study.study_name}: parameter importance for {objectives[0]} (fANOVA)")
+        atomic.write_csv(path.with_suffix(".csv"), pd.DataFrame({"param": list(shown), "fanova_importance": list(shown.values())}))
     except (RuntimeError, ValueError, ZeroDivisionError) as e:  # too few or too uniform trials
+        fig, ax = plt.subplots(figsize=(6, 3.5))
         ax.text(0.5, 0.5, f"importance not computable yet:\n{e}", ha="center", va="center", fontsize=8, wrap=True)
         ax.set_axis_off()
-    ax.set_title(f"{study.study_name}: parameter importance", fontsize=9)
-    fig.tight_layout()
-    atomic.save_figure(path, fig)
+        atomic.save_figure(path, fig)

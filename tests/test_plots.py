@@ -54,6 +54,11 @@ def test_sweep_plots_from_a_study(tmp_path):
     _plot_importance(study, ["val_acc"], tmp_path / "importance.png")
     sane(tmp_path / "front.png")
     sane(tmp_path / "importance.png")
+    shown = pd.read_csv(tmp_path / "importance.csv").set_index("param")["fanova_importance"]   # read off the bars
+    independent = optuna.importance.get_param_importances(study, evaluator=optuna.importance.FanovaImportanceEvaluator(seed=0))
+    assert set(shown.index) == set(independent)
+    for name, value in independent.items():
+        assert shown[name] == pytest.approx(value, abs=0.01)
 
 
 @pytest.mark.parametrize("png", sorted(ROOT.glob("results/**/*.png")), ids=lambda p: str(p.relative_to(ROOT)))
