@@ -102,3 +102,19 @@ def test_pair_arms_have_matched_parameter_counts():
             counts = [param_counts(build_model(c, make_task(c)))["total"]
                       for c in (load_config(params, a, fixed, tuning=True) for a in (e2e, db))]
             assert abs(counts[1] / counts[0] - 1) <= 0.05, f"{params.parent.name} {name}: {counts}"
+
+
+@pytest.mark.parametrize("params", sorted(p for p in Path(__file__).resolve().parents[1].glob("suites/*/*.yaml")
+                                          if p.name != "dvc.yaml"), ids=lambda p: f"{p.parent.name}/{p.name}")
+def test_every_default_is_written_so_dvc_exp_run_can_set_it(params):
+    """`dvc exp run -S file:section.key=v` refuses a key the file lacks (it would need `+`)."""
+    import dataclasses
+
+    from bench.config import SECTIONS, section_class
+    raw = yaml.safe_load(params.read_text())
+    if "arms" not in raw:
+        return
+    task, arch = raw.get("task", "classification"), (raw.get("model") or {}).get("arch", "vit")
+    missing = [f"{s}.{f.name}" for s in SECTIONS for f in dataclasses.fields(section_class(s, task, arch))
+               if f.name not in (raw.get(s) or {}) and f.name != "arch"]
+    assert not missing, f"{params.name} lacks {missing[:5]}: write their defaults (see bench/config.py)"
