@@ -203,6 +203,16 @@ class BlockOptimizer:
     def lr(self) -> float:
         return self.schedulers[-1].get_last_lr()[0]
 
+    def rebase(self, lr: float, weight_decay: float) -> None:
+        """After a resume that changed the peak lr or weight decay (`--allow-change`): the loaded
+        schedules continue from their step with the new settings."""
+        for o, sch in zip(self.optimizers, self.schedulers):
+            sch.base_lrs = [lr] * len(o.param_groups)
+            for g in o.param_groups:
+                g["initial_lr"], g["weight_decay"] = lr, weight_decay
+                g["lr"] = lr * sch.lr_lambdas[0](sch.last_epoch)
+            sch._last_lr = [g["lr"] for g in o.param_groups]
+
     def state_dict(self) -> dict:
         return {"residency": self.residency, "optimizers": [o.state_dict() for o in self.optimizers],
                 "schedulers": [s.state_dict() for s in self.schedulers]}

@@ -55,7 +55,7 @@ def config_diff(old: dict, cfg: RunConfig) -> list[str]:
 
 
 def open_for_resume(path: Path, cfg: RunConfig, resume: bool | str, device, log,
-                    total_steps: int | None = None) -> dict | None:
+                    total_steps: int | None = None, allow_change=()) -> dict | None:
     """The checkpoint to continue from, or None to start afresh.  resume: False, True (refuse a
     checkpoint made with other params) or "auto" (move it aside to ckpt.stale.pt instead).
     "auto" also starts afresh from a *finished* checkpoint whose final.pt is gone: DVC removes a
@@ -72,6 +72,14 @@ def open_for_resume(path: Path, cfg: RunConfig, resume: bool | str, device, log,
         path.replace(path.with_name("ckpt.finished.pt"))
         return None
     diff = config_diff(ckpt["config"], cfg)
+    allowed = [k for k in diff if k in set(allow_change)]   # --allow-change: recorded in the run's state
+    if allowed:
+        old, new = track.flatten(ckpt["config"]), track.flatten(cfg.to_dict())
+        ckpt["state"].setdefault("changes", []).extend(
+            {"step": ckpt["state"]["step"], "key": k, "from": old.get(k), "to": new.get(k)} for k in allowed)
+        log(f"{path}: resuming with " + ", ".join(f"{k} {old.get(k)} → {new.get(k)}" for k in allowed)
+            + " (--allow-change; recorded in the run)")
+        diff = [k for k in diff if k not in allowed]
     if diff and resume == "auto":
         log(f"{path} was made with different params ({', '.join(diff)}); moved to ckpt.stale.pt, starting afresh")
         path.replace(path.with_name("ckpt.stale.pt"))
@@ -102,9 +110,32 @@ def restore(ckpt: dict, model, optimizer, block_sampler, noise_gen, device, ema=
     return ckpt["state"]
 
 
+def non_finite(tree) -> list[str]:
+    """The names of tensors in a (nested) state dict with a NaN or an infinity."""
+    bad = []
+
+    def walk(node, name):
+        if isinstance(node, torch.Tensor):
+            if node.is_floating_point() and not bool(torch.isfinite(node).all()):
+                bad.append(name)
+        elif isinstance(node, dict):
+            for k, v in node.items():
+                walk(v, f"{name}.{k}" if name else str(k))
+        elif isinstance(node, (list, tuple)):
+            for i, v in enumerate(node):
+                walk(v, f"{name}.{i}")
+    walk(tree, "")
+    return bad
+
+
 def save(path: Path, cfg: RunConfig, state: dict, model, optimizer, block_sampler, noise_gen, device,
-         ema=None, scaler=None) -> None:
+         ema=None, scaler=None) -> list[str]:
+    """Write the checkpoint, unless a weight or an optimizer moment is non-finite: then the last
+    good checkpoint stays, and the names of the bad tensors are returned (the caller stops)."""
     with optimizer.materialize():
+        bad = non_finite({"model": model.state_dict(), "optimizer": optimizer.state_dict()})
+        if bad:
+            return bad
         atomic.torch_save(path, {
             "config": cfg.to_dict(), "model": model.state_dict(), "optimizer": optimizer.state_dict(),
             "ema": ema.state_dict() if ema is not None else None,
@@ -112,3 +143,4 @@ def save(path: Path, cfg: RunConfig, state: dict, model, optimizer, block_sample
             "block_sampler": block_sampler.state_dict(),
             "noise_rng": noise_gen.get_state(), "torch_rng": torch.get_rng_state(),
             "cuda_rng": torch.cuda.get_rng_state(device) if device.type == "cuda" else None, "state": state})
+    return []

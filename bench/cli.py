@@ -138,7 +138,7 @@ def cmd_train(a) -> None:
         print("launching: " + " ".join(argv[2:]), flush=True)
         os.execv(sys.executable, argv)
     s = train(cfg, params_path=a.params, resume="auto" if a.resume_if_compatible else a.resume,
-              progress=not a.no_progress, overrides=a.set)
+              progress=not a.no_progress, overrides=a.set, allow_change=a.allow_change)
     if not s:   # a rank other than 0: rank 0 reports
         return
     print(f"{cfg.suite}/{cfg.arm}: {s['metric']} {s[s['metric']]:.4f} after {s['optimizer_steps']} steps "
@@ -311,6 +311,9 @@ def build_parser() -> argparse.ArgumentParser:
     q = suite_cmd("train", cmd_train, "train one arm")
     q.add_argument("--resume", action="store_true",
                    help="continue from the arm's ckpt.pt (refused if it was made with other params)")
+    q.add_argument("--allow-change", action="append", default=[], metavar="SECTION.KEY",
+                   help="with --resume: accept a checkpoint whose value of this param differs (e.g. train.lr after "
+                        "a divergence); the change is recorded in the run (repeatable)")
     q.add_argument("--resume-if-compatible", action="store_true",
                    help="continue from ckpt.pt if it was made with the same params, else start afresh (DVC uses this)")
     q.add_argument("--no-progress", action="store_true", help="no progress bars (clean logs under DVC)")

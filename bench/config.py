@@ -247,12 +247,39 @@ def _apply_dotted(target: dict, overrides: dict, source: str) -> None:
         _apply(target, section, {key: value}, source)
 
 
+class _UniqueKeyLoader(yaml.SafeLoader):
+    """YAML where a repeated key is an error (plain YAML lets the last one win, silently)."""
+
+    def construct_mapping(self, node, deep=False):
+        seen = set()
+        for key_node, _ in node.value:
+            key = self.construct_object(key_node, deep=deep)
+            if key in seen:
+                raise yaml.constructor.ConstructorError(None, None, f"duplicate key {key!r}", key_node.start_mark)
+            seen.add(key)
+        return super().construct_mapping(node, deep)
+
+
+def load_yaml(path: str | Path):
+    """A YAML file, or one ConfigError line naming the file (and the line of a syntax error)."""
+    path = Path(path)
+    try:
+        text = path.read_text()
+    except (OSError, UnicodeDecodeError) as e:
+        raise ConfigError(f"cannot read {path}: {getattr(e, 'strerror', None) or e}") from None
+    try:
+        return yaml.load(text, Loader=_UniqueKeyLoader)
+    except yaml.YAMLError as e:
+        mark = getattr(e, "problem_mark", None)
+        where = f" line {mark.line + 1}, column {mark.column + 1}" if mark else ""
+        raise ConfigError(f"{path}:{where}: invalid YAML: {getattr(e, 'problem', None) or e}") from None
+
+
 def read_params(path: str | Path) -> dict:
     path = Path(path)
     if not path.is_file():
         raise ConfigError(f"params file not found: {path}")
-    with open(path) as f:
-        raw = yaml.safe_load(f) or {}
+    raw = load_yaml(path) or {}
     if not isinstance(raw, dict):
         raise ConfigError(f"{path} must be a YAML mapping")
     unknown = set(raw) - TOP_KEYS
@@ -339,33 +366,24 @@ def validate(cfg: RunConfig) -> None:
     from bench.diffusion import WEIGHTINGS
     from bench.tasks import task_class
 
+    from bench import bounds
     d, t = cfg.diffusion, cfg.train
+    bounds.check(cfg)   # types, finiteness and documented ranges (bench/bounds.py)
     if cfg.mode not in MODES:
         raise ConfigError(f"unknown mode {cfg.mode!r} for arm {cfg.arm!r}; modes: {', '.join(MODES)}")
     if d.partition not in STRATEGIES:
         raise ConfigError(f"unknown partition {d.partition!r}; choose one of {', '.join(STRATEGIES)}")
     if d.weighting not in WEIGHTINGS:
         raise ConfigError(f"unknown weighting {d.weighting!r}; choose one of {', '.join(WEIGHTINGS)}")
-    if d.gamma < 0:
-        raise ConfigError(f"diffusion.gamma must be >= 0, got {d.gamma}")
-    if d.inference_steps < 0:
-        raise ConfigError(f"diffusion.inference_steps must be >= 0, got {d.inference_steps}")
     if d.sample_sigma_max and not d.sigma_min < d.sample_sigma_max <= d.sigma_max:
         raise ConfigError(f"diffusion.sample_sigma_max must lie in (sigma_min, sigma_max], got {d.sample_sigma_max}")
     if t.residency not in RESIDENCY:
         raise ConfigError(f"unknown train.residency {t.residency!r}; choose one of {', '.join(RESIDENCY)}")
-    for name in ("batch_size", "log_every", "ckpt_every"):
-        if getattr(t, name) < 1:
-            raise ConfigError(f"train.{name} must be >= 1, got {getattr(t, name)}")
-    if cfg.eval.batch_size < 1:
-        raise ConfigError(f"eval.batch_size must be >= 1, got {cfg.eval.batch_size}")
     if (t.blocks_to_train or t.block_parallel) and not cfg.is_dblocks:
         raise ConfigError(f"train.blocks_to_train / train.block_parallel need a dblocks arm; {cfg.arm!r} is {cfg.mode}")
     bad = [b for b in t.blocks_to_train if not (isinstance(b, int) and 0 <= b < d.num_blocks)]
     if bad or len(set(t.blocks_to_train)) < len(t.blocks_to_train):
         raise ConfigError(f"train.blocks_to_train must list distinct blocks in 0..{d.num_blocks - 1}, got {t.blocks_to_train}")
-    if t.epochs <= 0 or t.lr <= 0:
-        raise ConfigError(f"train.epochs and train.lr must be positive, got {t.epochs} and {t.lr}")
     try:
         noise = LogNormalNoise(d.P_mean, d.P_std, d.sigma_min, d.sigma_max, d.sigma_data)
         make_partition(d.num_blocks, d.partition, d.gamma, noise, d.sigma_edges or None)

@@ -55,7 +55,8 @@ def write_outputs(out: Path, cfg, summary: dict, state: dict, weights: dict, tra
     atomic.write_csv(out / "history.csv", pd.DataFrame(state["history"]))
     atomic.write_csv(out / "log.csv", pd.DataFrame(state["log"]))
     atomic.write_csv(out / "summary.csv", pd.DataFrame([summary]))
-    atomic.write_json(out / "metrics.json", {**summary, "memory_by_block": state["memory"]})
+    atomic.write_json(out / "metrics.json", {**summary, "memory_by_block": state["memory"],
+                                              "param_changes_on_resume": state.get("changes", [])})
     if tracker is None:
         return
     tracker.log_metrics(summary_metrics(summary))

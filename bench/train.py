@@ -32,7 +32,7 @@ from tqdm import tqdm
 
 from bench import atomic, checkpoint, distributed, parallel, parallelize, results, seeding, track
 from bench.blocks import BlockOptimizer, BlockSampler
-from bench.config import RunConfig
+from bench.config import ConfigError, RunConfig
 from bench.data.images import EpochBatches
 from bench.memory import MemoryMeter
 from bench.parallel import GradSync
@@ -52,7 +52,7 @@ def resolve_device(name: str) -> torch.device:
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     device = torch.device(name)
     if device.type == "cuda" and not torch.cuda.is_available():
-        raise RuntimeError(f"train.device={name} but CUDA is not available on this machine")
+        raise ConfigError(f"train.device={name} but CUDA is not available on this machine (use auto or cpu)")
     return device
 
 
@@ -179,9 +179,7 @@ def train_step(run: "Run", step: int) -> Step:
             raise NonFiniteLoss(
                 f"{cfg.suite}/{cfg.arm}: loss is {loss.item()} at step {step}"
                 + (f" (block {block})" if block is not None else "")
-                + f", lr {run.optimizer.lr:.3g}; stopped. Last good checkpoint: "
-                + (f"{run.ckpt_path} (step {run.saved_step})" if run.saved_step is not None else "none yet")
-                + ". Lower train.lr or raise train.warmup_epochs, then rerun with --resume")
+                + f", lr {run.optimizer.lr:.3g}; stopped. " + remedy(run))
         grad_norm = backward_step(cfg, run.model, run.optimizer, loss, scaler=run.scaler,
                                   sync=lambda: run.sync(run.model, step), clip_groups=run.sync.clip_groups(run.model))
     if run.ema is not None:
@@ -223,7 +221,7 @@ class Run:
 
 def train(cfg: RunConfig, params_path: str | Path | None = None, resume: bool | str = False,
           progress: bool = True, log=print, on_eval=None, parent_run_id: str | None = None, overrides=(),
-          tags: dict | None = None) -> dict:
+          tags: dict | None = None, allow_change=()) -> dict:
     """Train one arm.  resume: False (start afresh), True (continue from ckpt.pt; refuse if it was
     made with other params) or "auto" (continue if it was made with the same params, otherwise
     move it aside to ckpt.stale.pt and start afresh: what a pipeline rerun after a params edit needs).
@@ -270,10 +268,12 @@ def train(cfg: RunConfig, params_path: str | Path | None = None, resume: bool | 
               budget, device, env, GradSync(env, world, restricted, freeze_step), streams, out / "ckpt.pt",
               {"step": 0, "layer_evals": 0, "train_time": 0.0, "history": [], "log": [], "step_times": [],
                "memory": {}, "mlflow_run_id": None}, ema, parallelize.make_scaler(cfg, device))
-    ckpt = checkpoint.open_for_resume(run.ckpt_path, cfg, resume, device, log, budget.total_steps)
+    ckpt = checkpoint.open_for_resume(run.ckpt_path, cfg, resume, device, log, budget.total_steps, allow_change)
     if ckpt is not None:
         run.state = checkpoint.restore(ckpt, model, run.optimizer, run.block_sampler, run.noise_gen, device, ema,
                                        run.scaler)
+        if allow_change:   # a changed lr / weight decay takes effect from the resumed step
+            run.optimizer.rebase(cfg.train.lr, cfg.train.weight_decay)
         run.saved_step = run.state["step"]
         log(f"resumed {cfg.suite}/{cfg.arm} from {run.ckpt_path} at step {run.state['step']}/{budget.total_steps}")
     if group is not None and run.sync.sharing(run.state["step"]) and \
@@ -320,9 +320,13 @@ def train(cfg: RunConfig, params_path: str | Path | None = None, resume: bool | 
                         on_eval(step, point)
                 distributed.barrier(env)   # rank 0 evaluates
             if step % cfg.train.ckpt_every == 0 or step == budget.total_steps:
+                bad = []
                 if env.is_main:   # every rank holds the same state (bench.distributed), so one file resumes them all
-                    checkpoint.save(run.ckpt_path, cfg, state, model, run.optimizer, run.block_sampler, run.noise_gen,
-                                    device, ema, run.scaler)
+                    bad = checkpoint.save(run.ckpt_path, cfg, state, model, run.optimizer, run.block_sampler,
+                                          run.noise_gen, device, ema, run.scaler)
+                if bad:   # finite loss, non-finite weights: the last good checkpoint stays
+                    raise NonFiniteLoss(f"{cfg.suite}/{cfg.arm}: {len(bad)} weight or optimizer tensors are non-finite "
+                                        f"at step {step} (e.g. {bad[0]}); stopped. " + remedy(run))
                 run.saved_step = step
                 distributed.barrier(env)
             bar.update(1)
@@ -350,6 +354,19 @@ def train(cfg: RunConfig, params_path: str | Path | None = None, resume: bool | 
     summary = parallel.finish(arm_cfg, world, prov, log) if world.is_main else {}
     distributed.barrier(world)
     return summary
+
+
+def remedy(run: Run) -> str:
+    """What to do after a divergence, as a command that works."""
+    cfg = run.cfg
+    seed = f" --seed {cfg.train.seed}" if Path(cfg.out_dir).name.startswith("seed") else ""
+    if run.saved_step is None:
+        return ("No checkpoint was written yet: lower train.lr (or raise train.warmup_epochs, lower train.grad_clip) "
+                "in the params file and start afresh.")
+    return (f"Last good checkpoint: {run.ckpt_path} (step {run.saved_step}). Lower train.lr (or raise "
+            f"train.warmup_epochs, lower train.grad_clip) in the params file, then continue with: bench train "
+            f"PARAMS --arm {cfg.arm}{seed} --resume --allow-change train.lr (the change is recorded in the run); "
+            f"or start afresh without --resume")
 
 
 def evaluate_point(run: Run, step: int) -> dict:

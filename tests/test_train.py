@@ -116,6 +116,37 @@ def test_non_finite_loss_stops_and_keeps_last_good_checkpoint(tmp_path, fashion_
     assert all(torch.isfinite(v).all() for v in ckpt["model"].values())
 
 
+def test_non_finite_weights_keep_the_last_finite_checkpoint_and_the_advice_works(tmp_path, fashion_root, monkeypatch):
+    """Finite loss, poisoned weights (what lr 1e6 does): the checkpoint save refuses them, and the
+    printed remedy — a lower lr, --resume --allow-change train.lr — continues the run."""
+    import bench.train as trainer
+    p = make_params(tmp_path, fashion_root)
+    real_step, calls = trainer.backward_step, []
+
+    def step_then_poison(cfg, model, *args, **kwargs):
+        out = real_step(cfg, model, *args, **kwargs)
+        calls.append(1)
+        if len(calls) == 15:   # after the 15th update: its checkpoint (ckpt_every 5) would hold NaN weights
+            with torch.no_grad():
+                next(model.parameters()).fill_(float("nan"))
+        return out
+
+    monkeypatch.setattr(trainer, "backward_step", step_then_poison)
+    with pytest.raises(NonFiniteLoss, match=r"non-finite at step 15.*ckpt.pt \(step 10\).*--allow-change train.lr"):
+        train(load_config(p, "dblocks"), progress=False, log=lambda *_: None)
+    ckpt = torch.load(tmp_path / "runs/tiny/dblocks/ckpt.pt", weights_only=False)
+    assert ckpt["state"]["step"] == 10 and all(torch.isfinite(v).all() for v in ckpt["model"].values())
+    monkeypatch.setattr(trainer, "backward_step", real_step)
+    with pytest.raises(ValueError, match="train.lr"):   # without the flag, a changed lr is refused
+        train(load_config(p, "dblocks", ["train.lr=1e-4"]), resume=True, progress=False, log=lambda *_: None)
+    lines = []
+    summary = train(load_config(p, "dblocks", ["train.lr=1e-4"]), resume=True, allow_change=["train.lr"],
+                    progress=False, log=lines.append)
+    assert summary["optimizer_steps"] == 30 and any("train.lr 0.002 → 0.0001" in line for line in lines)
+    final = torch.load(tmp_path / "runs/tiny/dblocks/ckpt.pt", weights_only=False)
+    assert final["state"]["changes"] == [{"step": 10, "key": "train.lr", "from": 0.002, "to": 0.0001}]
+
+
 @pytest.mark.slow
 def test_short_real_training_dblocks_beats_chance_by_far(tmp_path, fashion_root):
     """~40 s on 2 cores: 6000 real training images, 2 e2e-epoch equivalents, B = 3.  Uses the two
