@@ -11,15 +11,29 @@ from pathlib import Path
 import torch
 
 
+TMP_TAG = ".tmp-"   # `.<name>.tmp-XXXX`: a write in progress (or one a kill interrupted)
+_UMASK = os.umask(0)
+os.umask(_UMASK)
+
+
+def remove_orphans(directory) -> list[Path]:
+    """Temp files a killed write left behind (call while holding the directory's run lock)."""
+    orphans = [p for p in Path(directory).glob(f".*{TMP_TAG}*") if p.is_file()]
+    for p in orphans:
+        p.unlink()
+    return orphans
+
+
 def _replace(path: Path, write) -> Path:
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}{TMP_TAG}", dir=path.parent)
     try:
         with os.fdopen(fd, "wb") as f:
             write(f)
             f.flush()
             os.fsync(f.fileno())
+        os.chmod(tmp, 0o666 & ~_UMASK)   # mkstemp's 0600 → what the umask gives any new file
         os.replace(tmp, path)
     except BaseException:
         if os.path.exists(tmp):

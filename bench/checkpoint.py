@@ -3,14 +3,17 @@ resuming from it.
 
 ckpt.pt holds the config, the model, every optimizer and schedule (per block under offload), the
 EMA and GradScaler when on, the block sampler, every RNG (σ/ε generator, torch, CUDA) and the
-run's state (step, layer evaluations, curve points, log rows, step times, memory, MLflow run id).
+run's state (step, layer evaluations, curve points, log rows and the open loss window, step
+times, memory, thread count, MLflow run id, params changed on resume).
 A resume refuses a checkpoint made with other params, except the keys in RESUME_IGNORED and the
 evaluation settings, which do not change what is trained.
 """
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
+import os
 from pathlib import Path
 
 import torch
@@ -64,7 +67,18 @@ def open_for_resume(path: Path, cfg: RunConfig, resume: bool | str, device, log,
         if resume is True:
             log(f"--resume: no checkpoint at {path}; starting afresh")
         return None
-    ckpt = torch.load(path, map_location=device, weights_only=False)
+    try:
+        ckpt = torch.load(path, map_location=device, weights_only=False)
+        if not (isinstance(ckpt, dict) and {"config", "state", "model", "optimizer"} <= set(ckpt)):
+            raise ValueError("not a bench training checkpoint (no config/state/model/optimizer)")
+    except Exception as e:   # truncated, corrupt or another kind of file
+        reason = str(e).splitlines()[0][:200] if str(e) else type(e).__name__
+        if resume == "auto":
+            log(f"{path} is unreadable ({reason}); moved to ckpt.corrupt.pt, starting afresh")
+            path.replace(path.with_name("ckpt.corrupt.pt"))
+            return None
+        raise ValueError(f"{path} is not a readable checkpoint ({reason}); move it away and start afresh "
+                         f"without --resume") from None
     if (resume == "auto" and total_steps is not None and ckpt["state"]["step"] >= total_steps
             and not (path.parent / "final.pt").exists()):
         log(f"{path} is a finished run whose final.pt is gone (dvc repro -f, or changed deps): moved to "
@@ -144,3 +158,41 @@ def save(path: Path, cfg: RunConfig, state: dict, model, optimizer, block_sample
             "noise_rng": noise_gen.get_state(), "torch_rng": torch.get_rng_state(),
             "cuda_rng": torch.cuda.get_rng_state(device) if device.type == "cuda" else None, "state": state})
     return []
+
+
+class RunDirBusy(RuntimeError):
+    """Another live process writes this run directory."""
+
+
+@contextlib.contextmanager
+def run_lock(out: Path, enabled: bool = True, log=print):
+    """One writer per run directory (filelock: the OS drops the lock when its holder dies).  A
+    second writer fails at once, naming the holder's PID; a lock left by a dead holder is taken
+    over with a note; temp files that holder's interrupted writes left are removed."""
+    if not enabled:
+        yield
+        return
+    from filelock import FileLock, Timeout
+    created = not out.exists()
+    out.mkdir(parents=True, exist_ok=True)
+    lock, holder = FileLock(out / ".lock"), out / ".lock.pid"
+    try:
+        lock.acquire(timeout=0)
+    except Timeout:
+        pid = holder.read_text().strip() if holder.exists() else "unknown"
+        raise RunDirBusy(f"{out} is being written by another bench process (PID {pid}); wait for it to finish "
+                         f"or stop it, then rerun") from None
+    try:
+        if holder.exists():
+            log(f"{out}: taking over the lock of PID {holder.read_text().strip()}, which is no longer running")
+        orphans = atomic.remove_orphans(out)
+        if orphans:
+            log(f"{out}: removed {len(orphans)} temp file(s) left by an interrupted write")
+        holder.write_text(f"{os.getpid()}\n")
+        yield
+    finally:
+        holder.unlink(missing_ok=True)
+        lock.release()
+        if created and {p.name for p in out.iterdir()} <= {".lock"}:   # a run that failed before writing anything
+            (out / ".lock").unlink(missing_ok=True)
+            out.rmdir()

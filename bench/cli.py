@@ -392,11 +392,18 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     from bench.data.images import DatasetMissing
     from bench.splits import TestSealed
-    from bench.train import NonFiniteLoss
+    from bench.checkpoint import RunDirBusy
+    from bench.train import Interrupted, NonFiniteLoss
     args = build_parser().parse_args(argv)
     try:
         args.func(args)
-    except (ConfigError, DatasetMissing, NonFiniteLoss, TestSealed, FileNotFoundError, ValueError) as e:
+    except Interrupted as e:
+        print(f"bench: {e}", file=sys.stderr)
+        return 130
+    except KeyboardInterrupt:
+        print("bench: interrupted", file=sys.stderr)
+        return 130
+    except (ConfigError, DatasetMissing, NonFiniteLoss, TestSealed, ValueError, RunDirBusy, OSError) as e:
         if os.environ.get("BENCH_DEBUG"):
             raise
         print(f"bench: error: {e}", file=sys.stderr)  # BENCH_DEBUG=1 shows the traceback

@@ -7,10 +7,11 @@ from __future__ import annotations
 class StepLog:
     """Per-step losses: window averages every log_every steps (log.csv rows) and the MLflow batch."""
 
-    def __init__(self, tracker, every: int, last: int):
+    def __init__(self, tracker, every: int, last: int, window: dict | None = None):
         self.tracker, self.every, self.last = tracker, every, last
         self.pending: list[tuple[str, float, int]] = []
-        self.window: dict[str, list[float]] = {}
+        # the open window lives in the run's state, so a checkpoint carries it across a resume
+        self.window: dict[str, list[float]] = {} if window is None else window
 
     def add(self, step: int, layer_evals: int, done, lr: float) -> dict | None:
         values = {"train/loss": done.loss.item(), "train/ce": float(done.extra["ce"]),
@@ -25,7 +26,7 @@ class StepLog:
             return None
         row = {"step": step, "layer_evals": layer_evals, **{k: sum(v) / len(v) for k, v in self.window.items()}}
         self.flush()
-        self.window = {}
+        self.window.clear()
         return row
 
     def flush(self) -> None:

@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import contextlib
 import math
+import os
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -40,6 +41,10 @@ from bench.steplog import StepLog
 from bench.splits import test_sealed
 from bench.tasks import make_task
 from bench.tasks.base import Task
+
+
+class Interrupted(KeyboardInterrupt):
+    """Ctrl-C during training: the message says where the last checkpoint is."""
 
 
 class NonFiniteLoss(RuntimeError):
@@ -231,6 +236,11 @@ def train(cfg: RunConfig, params_path: str | Path | None = None, resume: bool | 
     (a sweep's trial number).
     Under torchrun: data-parallel (bench.distributed), or block-parallel with
     train.block_parallel (bench.parallel: this rank's group trains its block, rank 0 assembles)."""
+    with checkpoint.run_lock(Path(cfg.out_dir), enabled=int(os.environ.get("RANK", "0")) == 0, log=log):
+        return _train(cfg, params_path, resume, progress, log, on_eval, parent_run_id, overrides, tags, allow_change)
+
+
+def _train(cfg, params_path, resume, progress, log, on_eval, parent_run_id, overrides, tags, allow_change) -> dict:
     if cfg.train.threads:
         torch.set_num_threads(cfg.train.threads)
     env = distributed.init(cfg.train.device)   # one process without a launcher (torchrun sets WORLD_SIZE)
@@ -267,7 +277,8 @@ def train(cfg: RunConfig, params_path: str | Path | None = None, resume: bool | 
               seeding.generator(streams, "noise"), EpochBatches(task.num_train, cfg.train.batch_size, streams),
               budget, device, env, GradSync(env, world, restricted, freeze_step), streams, out / "ckpt.pt",
               {"step": 0, "layer_evals": 0, "train_time": 0.0, "history": [], "log": [], "step_times": [],
-               "memory": {}, "mlflow_run_id": None}, ema, parallelize.make_scaler(cfg, device))
+               "memory": {}, "mlflow_run_id": None, "loss_window": {}, "threads": torch.get_num_threads()},
+              ema, parallelize.make_scaler(cfg, device))
     ckpt = checkpoint.open_for_resume(run.ckpt_path, cfg, resume, device, log, budget.total_steps, allow_change)
     if ckpt is not None:
         run.state = checkpoint.restore(ckpt, model, run.optimizer, run.block_sampler, run.noise_gen, device, ema,
@@ -276,6 +287,9 @@ def train(cfg: RunConfig, params_path: str | Path | None = None, resume: bool | 
             run.optimizer.rebase(cfg.train.lr, cfg.train.weight_decay)
         run.saved_step = run.state["step"]
         log(f"resumed {cfg.suite}/{cfg.arm} from {run.ckpt_path} at step {run.state['step']}/{budget.total_steps}")
+        if run.state.setdefault("threads", torch.get_num_threads()) != torch.get_num_threads():
+            log(f"note: the run trained with {run.state['threads']} CPU threads and resumes with "
+                f"{torch.get_num_threads()}: float reductions differ, so the result is not bit-exact (set train.threads)")
     if group is not None and run.sync.sharing(run.state["step"]) and \
             not distributed.all_equal(world, run.state["step"]):
         raise ValueError("block-parallel: the blocks' checkpoints are at different steps while the shared modules "
@@ -296,7 +310,7 @@ def train(cfg: RunConfig, params_path: str | Path | None = None, resume: bool | 
 
     # a block-restricted run cannot be scored alone: block-parallel scores the assembled model at the end
     evals_at = set() if restricted else curve_steps(budget, cfg.train.curve_points)
-    steplog = StepLog(tracker, cfg.train.log_every, budget.total_steps)
+    steplog = StepLog(tracker, cfg.train.log_every, budget.total_steps, state.setdefault("loss_window", {}))
     model.train()
     bar = tqdm(total=budget.total_steps, initial=state["step"], disable=not (progress and env.is_main),
                desc=f"{cfg.suite}/{cfg.arm}", unit="step", dynamic_ncols=True)
@@ -334,6 +348,10 @@ def train(cfg: RunConfig, params_path: str | Path | None = None, resume: bool | 
         bar.close()
         steplog.flush()
         tracker.end("FAILED" if isinstance(e, NonFiniteLoss) else "KILLED")
+        if type(e) is KeyboardInterrupt:
+            raise Interrupted(f"interrupted at step {state['step']}; last checkpoint: "
+                              + (f"{run.ckpt_path} (step {run.saved_step}); continue with --resume"
+                                 if run.saved_step is not None else "none yet")) from None
         raise
     bar.close()
 

@@ -67,6 +67,9 @@ def test_resume_after_interruption_matches_uninterrupted_run(tmp_path, fashion_r
         assert torch.equal(w, resumed["model"][name]), f"{name} differs after resume"
     assert summary["test_acc"] == reference["summary"]["test_acc"]
     assert summary["optimizer_steps"] == 30
+    import pandas as pd   # the loss window open at the kill was in the checkpoint: log.csv rows are the same
+    pd.testing.assert_frame_equal(pd.read_csv(tmp_path / "runs/tiny/dblocks/log.csv"),
+                                  pd.read_csv(tmp_path / "runs/tiny/dblocks_interrupted/log.csv"))
 
 
 def test_resume_refuses_changed_params(tmp_path, fashion_root):
