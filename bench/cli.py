@@ -406,7 +406,11 @@ def main(argv: list[str] | None = None) -> int:
     except (ConfigError, DatasetMissing, NonFiniteLoss, TestSealed, ValueError, RunDirBusy, OSError) as e:
         if os.environ.get("BENCH_DEBUG"):
             raise
-        print(f"bench: error: {e}", file=sys.stderr)  # BENCH_DEBUG=1 shows the traceback
+        where = ""
+        if isinstance(e, (DatasetMissing, FileNotFoundError)) and not Path("suites").is_dir():
+            where = (f" (relative paths in params files resolve against the working directory, here {Path.cwd()}: "
+                     "run bench from the repository root)")
+        print(f"bench: error: {e}{where}", file=sys.stderr)  # BENCH_DEBUG=1 shows the traceback
         return 2
     return 0
 

@@ -139,7 +139,7 @@ def run_sweep(params_path: str | Path, study_name: str | None = None, trials: in
                               "base": base.to_dict()}, sort_keys=True, default=str)
     study_name = study_name or f"{suite}-{hashlib.sha1(fingerprint.encode()).hexdigest()[:8]}"
 
-    root = Path("runs") / suite / "sweep"
+    root = Path(raw.get("runs_dir", "runs")) / suite / "sweep"
     root.mkdir(parents=True, exist_ok=True)
     storage = f"sqlite:///{root / 'optuna.db'}"
     existing = {s.study_name: s for s in optuna.get_all_study_summaries(storage)}

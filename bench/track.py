@@ -30,14 +30,23 @@ DEFAULT_URI = "sqlite:///mlflow.db"
 WRITTEN_BY_RUNS = (":!dvc.lock", ":!**/dvc.lock", ":!data.dvc", ":!results", ":!README.md")
 
 
+PACKAGE_ROOT = Path(__file__).resolve().parent.parent   # the checkout whose code is imported
+
+
 def git_sha() -> str:
-    """HEAD's SHA, with '-dirty' when tracked source files have uncommitted changes (not the lock
-    files, results and README tables a run itself rewrites); 'unknown' outside git."""
+    """The commit of the code actually imported (this package's own checkout, whatever the
+    working directory), with `-dirty-<hash of the diff>` when its tracked source files have
+    uncommitted changes (not the lock files, results and README tables a run itself rewrites);
+    'unknown' when the package is not in a git checkout (e.g. a wheel install)."""
+    def git(*args) -> str:
+        return subprocess.run(["git", "-C", str(PACKAGE_ROOT), *args], capture_output=True, text=True,
+                              check=True).stdout
     try:
-        sha = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True, check=True).stdout.strip()
-        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no", "--", ".", *WRITTEN_BY_RUNS],
-                               capture_output=True, text=True, check=True).stdout.strip()
-        return sha + ("-dirty" if dirty else "")
+        sha = git("rev-parse", "HEAD").strip()
+        if git("status", "--porcelain", "--untracked-files=no", "--", ".", *WRITTEN_BY_RUNS).strip():
+            diff = git("diff", "HEAD", "--", ".", *WRITTEN_BY_RUNS)
+            return f"{sha}-dirty-{hashlib.sha256(diff.encode()).hexdigest()[:8]}"
+        return sha
     except (OSError, subprocess.CalledProcessError):
         return "unknown"
 
@@ -112,7 +121,7 @@ def find_parent_run(suite: str, key: str, params_path: str | Path | None = None,
     if found:
         return found[0].info.run_id
     sha = git_sha()
-    name = f"{suite} {sha[:7]}{'-dirty' if sha.endswith('-dirty') else ''}" + "".join(f" --set {o}" for o in sorted(overrides))
+    name = f"{suite} {sha[:7]}{'-dirty' if '-dirty' in sha else ''}" + "".join(f" --set {o}" for o in sorted(overrides))
     client = mlflow.MlflowClient()
     run = client.create_run(mlflow.get_experiment_by_name(suite).experiment_id,
                             tags={"bench.suite_key": key, "mlflow.runName": name, "mlflow.source.git.commit": sha,

@@ -105,3 +105,16 @@ def test_two_arms_started_at_once_on_a_fresh_store(tmp_path, fashion_root):
     outs = [proc.communicate(timeout=600)[0] for proc in procs]
     assert [proc.returncode for proc in procs] == [0, 0], "\n".join(o[-1500:] for o in outs)
     assert (tmp_path / "mlflow.db").exists()
+
+
+def test_the_recorded_sha_is_that_of_the_imported_code_from_any_directory(tmp_path):
+    """Run from inside another git checkout, provenance still names this package's commit."""
+    from pathlib import Path
+    root = Path(__file__).resolve().parents[1]
+    head = subprocess.run(["git", "-C", str(root), "rev-parse", "HEAD"], capture_output=True, text=True).stdout.strip()
+    subprocess.run(["git", "init", "-q", str(tmp_path)], check=True)
+    subprocess.run(["git", "-C", str(tmp_path), "-c", "user.email=a@b", "-c", "user.name=a", "commit", "-q",
+                    "--allow-empty", "-m", "other"], check=True)
+    out = subprocess.run([sys.executable, "-c", "from bench.track import git_sha; print(git_sha())"], cwd=tmp_path,
+                         capture_output=True, text=True, check=True).stdout.strip()
+    assert out.split("-dirty")[0] == head
