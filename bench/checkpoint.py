@@ -173,7 +173,7 @@ def run_lock(out: Path, enabled: bool = True, log=print):
         yield
         return
     from filelock import FileLock, Timeout
-    created = not out.exists()
+    created = [d for d in (out, *out.parents) if not d.exists()]   # removed again if nothing gets written
     out.mkdir(parents=True, exist_ok=True)
     lock, holder = FileLock(out / ".lock"), out / ".lock.pid"
     try:
@@ -195,4 +195,7 @@ def run_lock(out: Path, enabled: bool = True, log=print):
         lock.release()
         if created and {p.name for p in out.iterdir()} <= {".lock"}:   # a run that failed before writing anything
             (out / ".lock").unlink(missing_ok=True)
-            out.rmdir()
+            for d in created:
+                if any(d.iterdir()):
+                    break
+                d.rmdir()

@@ -42,6 +42,8 @@ class DataConfig:
     train_subset: int = 0            # use only the first N training examples (0: all); for tests
     test_subset: int = 0             # evaluate on the first N test examples (0: all)
     val_subset: int = 0              # score on the first N validation examples (0: all)
+    verify: bool = True              # check data files against their published SHA-256 at load (false: a
+                                     # deliberately modified copy, e.g. the scrambled-test proof)
 
 
 @dataclass

@@ -19,7 +19,7 @@ TUNE_PARAMS = """
 suite: tiny
 runs_dir: {runs}
 results_dir: {results}
-data: {{dataset: fashion_mnist, root: {root}, train_subset: 640, val_subset: 300, test_subset: 300}}
+data: {{dataset: fashion_mnist, root: {root}, train_subset: 640, val_subset: 300, test_subset: 300, verify: false}}
 model: {{arch: vit, image_size: 28, patch_size: 7, hidden: 32, depth: 3, heads: 2, mlp_dim: 64}}
 diffusion: {{num_blocks: 3, gamma: 0.05}}
 train: {{epochs: 0.5, batch_size: 64, threads: 1, curve_points: 1}}

@@ -17,6 +17,7 @@ message naming the path that was searched and how to provide it.
 from __future__ import annotations
 
 import gzip
+import hashlib
 import os
 import shutil
 import subprocess
@@ -182,6 +183,12 @@ def check_dataset(dataset: str, root: str | Path) -> None:
         raise DatasetMissing(f"unknown dataset {dataset!r}; available: {', '.join(DATASETS)}")
     where = dataset_dir(dataset, root)
     if dataset == "fashion_mnist":
+        wrong = [(n, (where / n).stat().st_size, size) for n, (_, size) in FASHION_MNIST_FILES.items()
+                 if (where / n).is_file() and (where / n).stat().st_size != size]
+        if wrong:
+            name, got, size = wrong[0]
+            raise DatasetMissing(f"{where / name} has {got:,} bytes where Fashion-MNIST's has {size:,}: truncated or "
+                                 f"another file; fetch it again with `bench data fashion-mnist`")
         if not fashion_mnist_ready(where):
             raise DatasetMissing(f"Fashion-MNIST not found in {where}: run `bench data fashion-mnist` "
                                  f"(offline, from Debian's {DEBIAN_PACKAGE}) or `bench data fashion-mnist --source DIR`")
@@ -193,27 +200,46 @@ def check_dataset(dataset: str, root: str | Path) -> None:
                              f"extract {archive} into {where} or set data.root in params.yaml")
 
 
-def load_dataset(dataset: str, root: str | Path, splits: tuple[str, ...] = ("train", "test")) -> dict[str, ImageSplit]:
-    """The requested splits of a dataset.  Tasks never ask for "test" here directly: they go
-    through `bench.splits.open_test`, which refuses during a selection."""
+def _verified_idx(path: Path, verify: bool) -> np.ndarray:
+    if verify:
+        digest, _ = FASHION_MNIST_FILES[path.name]
+        if hashlib.sha256(path.read_bytes()).hexdigest() != digest:
+            raise DatasetMissing(f"{path} does not match its published SHA-256 (corrupt or modified): fetch it again "
+                                 f"with `bench data fashion-mnist`, or set data.verify: false for a deliberately "
+                                 f"modified copy")
+    try:
+        return _read_idx(path)
+    except (ValueError, IndexError) as e:
+        raise DatasetMissing(f"{path} is not a readable IDX file ({e})") from None
+
+
+def load_dataset(dataset: str, root: str | Path, splits: tuple[str, ...] = ("train", "test"),
+                 verify: bool = True) -> dict[str, ImageSplit]:
+    """The requested splits of a dataset, checked: published checksums (Fashion-MNIST, unless
+    verify is off) and labels within the classes.  Tasks never ask for "test" here directly: they
+    go through `bench.splits.open_test`, which refuses during a selection."""
     check_dataset(dataset, root)
     where = dataset_dir(dataset, root)
+    split = {}
     if dataset == "fashion_mnist":
-        split = {}
         for name, prefix in (("train", "train"), ("test", "t10k")):
             if name not in splits:
                 continue
-            x = _read_idx(where / f"{prefix}-images-idx3-ubyte")
-            y = _read_idx(where / f"{prefix}-labels-idx1-ubyte")
+            x = _verified_idx(where / f"{prefix}-images-idx3-ubyte", verify)
+            y = _verified_idx(where / f"{prefix}-labels-idx1-ubyte", verify)
             split[name] = ImageSplit(torch.from_numpy(x.copy()).unsqueeze(1), torch.from_numpy(y.astype(np.int64)))
-        return split
-    import torchvision
-    cls = torchvision.datasets.CIFAR10 if dataset == "cifar10" else torchvision.datasets.CIFAR100
-    split = {}
-    for name in splits:
-        ds = cls(str(where), train=name == "train", download=False)
-        split[name] = ImageSplit(torch.from_numpy(ds.data).permute(0, 3, 1, 2).contiguous(),
-                                 torch.tensor(ds.targets, dtype=torch.int64))
+    else:
+        import torchvision
+        cls = torchvision.datasets.CIFAR10 if dataset == "cifar10" else torchvision.datasets.CIFAR100
+        for name in splits:
+            ds = cls(str(where), train=name == "train", download=False)
+            split[name] = ImageSplit(torch.from_numpy(ds.data).permute(0, 3, 1, 2).contiguous(),
+                                     torch.tensor(ds.targets, dtype=torch.int64))
+    classes = SHAPES[dataset][2]
+    for name, s in split.items():
+        if len(s.labels) != len(s.images) or (len(s.labels) and not 0 <= int(s.labels.min()) <= int(s.labels.max()) < classes):
+            raise DatasetMissing(f"{dataset} {name} split in {where}: labels outside 0..{classes - 1} or not one per "
+                                 f"image: the files are corrupt")
     return split
 
 

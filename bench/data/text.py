@@ -630,6 +630,10 @@ def prepare_text(spec: TextSpec, root: str | Path = "data", log=print) -> Path:
         chars: set[str] = set()
         for text in split_texts(0):
             chars |= set(text)
+        visible = chars - set(" \t\r\n")
+        if len(visible) < 2:   # e.g. one repeated character: nothing a language model could learn
+            raise TextFileError(f"{spec.name}: the training split has {len(visible)} distinct non-space "
+                                f"character(s); this is not a text corpus")
         base = CharTokenizer("".join(sorted(chars)))
         unseen = {s: 0 for s in SPLITS}
         for s in (1, 2):
@@ -696,12 +700,26 @@ class PreparedText:
         self.tokenizer = load_tokenizer(self.dir)
         self.vocab_size = int(self.meta["vocab_size"])
         self.dtype = np.dtype(self.meta["dtype"])
+        self._checked: set[str] = set()
 
     def tokens(self, split: str) -> np.ndarray:
+        """The split's token ids, checked once: the file holds exactly the tokens meta.json
+        records, and every id is inside the vocabulary."""
         n = self.meta["splits"][split]["tokens"]
         if n == 0:
             return np.zeros(0, dtype=self.dtype)
-        return np.memmap(self.dir / f"{split}.bin", dtype=self.dtype, mode="r", shape=(n,))
+        path = self.dir / f"{split}.bin"
+        if not path.is_file() or path.stat().st_size != n * self.dtype.itemsize:
+            raise TextFileError(f"{path}: expected {n:,} tokens of {self.dtype} as meta.json records; the file is "
+                                f"missing or truncated: prepare the data again")
+        tokens = np.memmap(path, dtype=self.dtype, mode="r", shape=(n,))
+        if split not in self._checked:
+            top = int(tokens.max())
+            if top >= self.vocab_size:
+                raise TextFileError(f"{path}: token id {top} is outside the vocabulary of {self.vocab_size}: "
+                                    f"the file is corrupt; prepare the data again")
+            self._checked.add(split)
+        return tokens
 
     def chars_per_token(self, split: str) -> float:
         s = self.meta["splits"][split]

@@ -112,12 +112,12 @@ class ClassificationTask(Task):
 
     def load(self) -> None:
         self.train_split, self.val_data = carve_image_validation(self.cfg.data, load_dataset(
-            self.cfg.data.dataset, self.cfg.data.root, splits=("train",))["train"])
+            self.cfg.data.dataset, self.cfg.data.root, splits=("train",), verify=self.cfg.data.verify)["train"])
         self.num_train = len(self.train_split)
 
     def load_test(self) -> ImageSplit:
         data = self.cfg.data
-        return load_dataset(data.dataset, data.root, splits=("test",))["test"].head(data.test_subset)
+        return load_dataset(data.dataset, data.root, splits=("test",), verify=self.cfg.data.verify)["test"].head(data.test_subset)
 
     def build_model(self):
         from bench.models import ARCHS

@@ -216,7 +216,7 @@ class GenerationTask(Task):
         if self.latent:
             val_size, train_size = self._load_latents(carve, val_n)
         else:
-            full = load_dataset(d.dataset, d.root, splits=("train",))["train"]
+            full = load_dataset(d.dataset, d.root, splits=("train",), verify=d.verify)["train"]
             # the carve of the whole train split; train_subset limits training, not the train reference
             train, val = carve_image_validation(dataclasses.replace(d, train_subset=0), full)
             train_set = train.head(d.train_subset)
@@ -256,7 +256,7 @@ class GenerationTask(Task):
         if self.latent:
             from bench.data.latents import real_images
             return fidlib.ReferenceSet(f"{d.dataset}{d.image_size}-test-first{n or 'all'}", lambda: real_images(d, "val", n))
-        test = load_dataset(d.dataset, d.root, splits=("test",))["test"]
+        test = load_dataset(d.dataset, d.root, splits=("test",), verify=d.verify)["test"]
         if e.fid_ref_n > len(test):
             raise ConfigError(f"eval.fid_ref_n={e.fid_ref_n} is larger than the test split ({len(test)} images)")
         return fidlib.ReferenceSet(f"{d.dataset}-test-first{n or 'all'}", lambda: test.head(n).images)
