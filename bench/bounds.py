@@ -18,7 +18,7 @@ BOUNDS = {
     "data.train_subset": ("[0, inf)", "first N training examples (0: all)"),
     "data.test_subset": ("[0, inf)", "first N test examples (0: all)"),
     "data.val_subset": ("[0, inf)", "first N validation examples (0: all)"),
-    "data.val_fraction": ("[0, 1)", "share of train held out as validation"),
+    "data.val_fraction": ("(0, 1)", "share of train held out as validation (every selection reads it)"),
     "diffusion.num_blocks": ("[1, inf)", "blocks B"),
     "diffusion.gamma": ("[0, 1)", "overlap of neighbouring blocks' σ ranges (a fraction of a block's mass)"),
     "diffusion.P_std": ("(0, inf)", "std of ln σ"),
@@ -42,6 +42,10 @@ BOUNDS = {
     "train.shared_warmup_epochs": ("[0, inf)", "epochs before the shared modules freeze"),
     "eval.batch_size": ("[1, inf)", "examples per evaluation batch"),
 }
+# model sizes: counts that must be positive, and those where 0 means "derived" (e.g. cond_dim 0 = hidden)
+MODEL_POSITIVE = ("image_size", "patch_size", "in_channels", "num_classes", "hidden", "depth", "heads", "mlp_dim",
+                  "seq_len", "core", "mean_recurrence", "bptt")
+MODEL_NON_NEGATIVE = ("cond_dim", "mlp_hidden", "vocab_size", "prelude", "coda", "embed")
 DEVICE = re.compile(r"^(auto|cpu|mps|cuda(:\d+)?)$")
 
 
@@ -59,8 +63,15 @@ def inside(value: float, text: str) -> bool:
 def check(cfg) -> None:
     """Types, finiteness and ranges of every section of a RunConfig, then the relations."""
     from bench.config import ConfigError, model_config
-    sections = {"data": cfg.data, "diffusion": cfg.diffusion, "train": cfg.train, "eval": cfg.eval,
-                "model": model_config(cfg.model)}
+    for name, value in cfg.model.items():   # before the architecture's own checks divide by them
+        floor = 1 if name in MODEL_POSITIVE else 0 if name in MODEL_NON_NEGATIVE else None
+        if floor is not None and (isinstance(value, bool) or not isinstance(value, int) or value < floor):
+            raise ConfigError(f"model.{name} must be an integer ≥ {floor}, got {value!r}")
+    try:
+        model = model_config(cfg.model)
+    except (ValueError, TypeError, ZeroDivisionError) as e:
+        raise ConfigError(f"model: {e}") from None
+    sections = {"data": cfg.data, "diffusion": cfg.diffusion, "train": cfg.train, "eval": cfg.eval, "model": model}
     for name, section in sections.items():
         for f in dataclasses.fields(section):
             value, key = getattr(section, f.name), f"{name}.{f.name}"

@@ -176,6 +176,8 @@ def _coerce(section: str, key: str, value: Any, default: Any) -> Any:
                 raise TypeError
         except (TypeError, ValueError):
             raise ConfigError(f"{where} must be a number, got {value!r}") from None
+        if number != number or number in (float("inf"), float("-inf")):
+            raise ConfigError(f"{where} must be finite, got {value!r}")
         if isinstance(default, int):
             if float(number) != int(number):
                 raise ConfigError(f"{where} must be an integer, got {value!r}")
