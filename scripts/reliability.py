@@ -1,0 +1,91 @@
+"""Run the fault and bad-input battery (tests/faults/ and the one-line-error tests) and write
+results/reliability.md: per fault class, how many cases were injected, how many ended clear (a
+one-line error before any output, or a correct run), and what was lost.
+
+    python scripts/reliability.py            # ~2 min on 2 cores
+
+Each test asserts, for real, that its cases end clear and lose nothing (bit-exact weights after
+kills, intact checkpoints, no partial outputs); a failing test counts its cases as not clear.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import subprocess
+import sys
+import tempfile
+import xml.etree.ElementTree as ET
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from bench import atomic  # noqa: E402
+from bench.track import git_sha  # noqa: E402
+
+# test (node id prefix) → (fault class, cases it injects, what a failure would lose)
+BATTERY = {
+    "tests/faults/test_kills.py::test_random_kills": ("SIGKILL: 3 at random moments + 1 inside a checkpoint write", 4,
+                                                      "training progress (resume must be bit-exact)"),
+    "tests/faults/test_run_dir.py::test_a_second_writer": ("two writers on one run directory", 1, "a mixed run directory"),
+    "tests/faults/test_run_dir.py::test_stale_lock": ("stale lock + orphaned temp file + umask", 3, "nothing (cleanup)"),
+    "tests/faults/test_run_dir.py::test_a_damaged_checkpoint": ("truncated / garbage / wrong-kind checkpoint, "
+                                                                "--resume and --resume-if-compatible", 6, "the run"),
+    "tests/faults/test_run_dir.py::test_ctrl_c": ("Ctrl-C during training", 1, "the last checkpoint's location"),
+    "tests/faults/test_run_dir.py::test_an_unwritable": ("read-only results / full disk at a write", 2,
+                                                         "the checkpoint (must stay intact)"),
+    "tests/faults/test_data.py": ("corrupt data: pixels, labels, truncated IDX, one-character corpus, token ids", 5,
+                                  "a silently wrong dataset"),
+    "tests/faults/test_params_property.py": ("generated params files (Hypothesis, derandomized)", 150,
+                                             "a traceback or partial output instead of one line"),
+    "tests/test_config.py::test_bad_input_one_line_error": ("bad values and keys (prepare and train each)", "2/test",
+                                                            "compute on a wrong config"),
+    "tests/test_train.py::test_non_finite": ("NaN loss / non-finite weights (then the printed remedy)", 2,
+                                             "a poisoned checkpoint"),
+    "tests/test_train.py::test_resume": ("resume after a kill mid-run; changed params refused", 2, "bit-exactness"),
+    "tests/test_tracking.py::test_two_arms_started_at_once": ("MLflow first-use race (two arms at once)", 1,
+                                                              "a crashed arm"),
+    "tests/test_sweep_check.py::test_killed_sweep": ("a killed sweep, resumed", 1, "trials (or duplicates)"),
+    "tests/test_sweep_check.py::test_a_resumed_sweep": ("a killed sweep proposes as an uninterrupted one", 1,
+                                                        "reproducibility"),
+}
+
+
+def main() -> int:
+    with tempfile.TemporaryDirectory() as tmp:
+        xml = Path(tmp) / "junit.xml"
+        files = sorted({k.split("::")[0] for k in BATTERY})
+        keyword = " or ".join(sorted({k.split("::")[1] for k in BATTERY if "::" in k} | {"test_"}))
+        subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", f"--junitxml={xml}", *files,
+                        "-k", keyword], cwd=ROOT)
+        cases = [(f"{c.get('classname').replace('.', '/')}.py::{c.get('name')}",
+                  not any(child.tag in ("failure", "error") for child in c),
+                  any(child.tag == "skipped" for child in c)) for c in ET.parse(xml).getroot().iter("testcase")]
+    rows, total, clear = [], 0, 0
+    for prefix, (what, n, lost) in BATTERY.items():
+        mine = [(ok, skipped) for name, ok, skipped in cases if name.startswith(prefix)]
+        if not mine:
+            rows.append(f"| {what} | — | not run | — | `{prefix}` |")
+            continue
+        n = 2 * len(mine) if n == "2/test" else n
+        ok = all(o for o, s in mine) and not any(s for o, s in mine)
+        total += n
+        clear += n if ok else 0
+        rows.append(f"| {what} | {n} | {n if ok else 'FAILED'} | {'nothing' if ok else lost} | `{prefix}` ({len(mine)} tests) |")
+    md = ["# Reliability: faults and bad input\n",
+          f"Written by `python scripts/reliability.py` on {dt.date.today().isoformat()}, code {git_sha()[:12]}. "
+          "Every case is injected for real (SIGKILL, corrupt files, a held lock, an injected ENOSPC, generated params "
+          "files); a case is *clear* when it ends in one `bench: error:` line before any output, or runs correctly "
+          "(after kills: bit-identical weights to an uninterrupted run).\n",
+          f"**{clear} of {total} injected cases ended clear; data lost: "
+          f"{'none' if clear == total else 'see the FAILED rows'}.**\n",
+          "| fault / bad-input class | injected | ended clear | lost | tests |", "|---|---|---|---|---|", *rows,
+          "\nNot covered yet (issue 13): mutation testing of the method code (a mutmut/cosmic-ray score), and "
+          "`bench check` configs sensitive enough to catch small method bugs.\n"]
+    atomic.write_text(ROOT / "results" / "reliability.md", "\n".join(md) + "\n")
+    print(f"wrote results/reliability.md: {clear}/{total} clear")
+    return 0 if clear == total else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
