@@ -99,8 +99,8 @@ def cmd_prepare(a) -> None:
     if track.enabled():   # the suite run's MLflow parent, opened once here (DVC's prepare stage)
         sha = track.git_sha()
         key = track.suite_key(a.params, sha, a.set)
-        record["mlflow"] = {"parent_run_id": track.find_parent_run(suite, key, a.params, a.set), "suite_key": key,
-                            "git_sha": sha}
+        track.find_parent_run(suite, key, a.params, a.set)   # opened here; every arm's run finds it by this key
+        record["mlflow"] = {"suite_key": key, "git_sha": sha}   # deterministic: no run id in a DVC output
     atomic.write_json(Path(first.out_dir).parent / "plan.json", record)   # runs/<suite>/plan.json
 
 
