@@ -62,15 +62,20 @@ def inside(value: float, text: str) -> bool:
 
 def check(cfg) -> None:
     """Types, finiteness and ranges of every section of a RunConfig, then the relations."""
-    from bench.config import ConfigError, model_config
+    from bench.config import ConfigError, model_config, model_config_class
+    defaults = {f.name: f.default for f in dataclasses.fields(model_config_class(cfg.model["arch"]))}
     for name, value in cfg.model.items():   # before the architecture's own checks divide by them
-        floor = 1 if name in MODEL_POSITIVE else 0 if name in MODEL_NON_NEGATIVE else None
+        # ≥ 1, unless the architecture's default 0 means "derived" (DiT's depth/hidden/heads from model.size)
+        floor = (1 if defaults.get(name) != 0 else 0) if name in MODEL_POSITIVE else 0 if name in MODEL_NON_NEGATIVE else None
         if floor is not None and (isinstance(value, bool) or not isinstance(value, int) or value < floor):
             raise ConfigError(f"model.{name} must be an integer ≥ {floor}, got {value!r}")
     try:
         model = model_config(cfg.model)
     except (ValueError, TypeError, ZeroDivisionError) as e:
         raise ConfigError(f"model: {e}") from None
+    for name in MODEL_POSITIVE:   # after the architecture filled its derived sizes
+        if isinstance(getattr(model, name, 1), int) and getattr(model, name, 1) < 1:
+            raise ConfigError(f"model.{name} must be ≥ 1 (or derived from model.size), got {getattr(model, name)}")
     sections = {"data": cfg.data, "diffusion": cfg.diffusion, "train": cfg.train, "eval": cfg.eval, "model": model}
     for name, section in sections.items():
         for f in dataclasses.fields(section):

@@ -212,7 +212,7 @@ def test_guidance_is_the_linear_blend_of_conditional_and_unconditional(params):
     ("eval.samples=500", "fid_n=1000 is larger than the 500 images generated"),
     ("eval.grid_e2e=linear", "unknown eval.grid_e2e"),
     ("data.dataset=mnist", "unknown data.dataset"),
-    ("data.val_fraction=0", "data.val_fraction (share of train held out as validation"),    # validation FID needs validation images
+    ("data.val_fraction=0", "data.val_fraction"),    # validation FID needs validation images
 ])
 def test_bad_config_is_one_line_before_compute(params, override, match):
     overrides = [override] + (["eval.fid_n=1000"] if "samples" in override else [])

@@ -10,6 +10,7 @@ import sys
 
 import pytest
 import torch
+import yaml
 
 from bench import seeding
 from bench.config import ConfigError, load_config
@@ -24,10 +25,12 @@ PARAMS = TINY_RANKS.replace("{ckpt_every}", "3")
 
 def block_parallel(tmp_path, root, shared: str):
     p = tmp_path / f"bp_{shared}.yaml"
-    p.write_text(PARAMS.format(runs=tmp_path / f"bp_{shared}", root=root))
+    raw = yaml.safe_load(PARAMS.format(runs=tmp_path / f"bp_{shared}", root=root))
+    raw["train"]["shared"] = shared   # in the file: a --set run would live in its own set-<hash> directory
+    p.write_text(yaml.safe_dump(raw))
     env = {**os.environ, "BENCH_MLFLOW": "0", "OMP_NUM_THREADS": "1"}
     done = subprocess.run([sys.executable, "-m", "bench", "train", str(p), "--arm", "dblocks", "--block-parallel",
-                           "--nproc", "2", "--no-progress", "--set", f"train.shared={shared}"],
+                           "--nproc", "2", "--no-progress"],
                           env=env, capture_output=True, text=True, timeout=600)
     assert done.returncode == 0, done.stderr[-2000:]
     return p, tmp_path / f"bp_{shared}/tiny/dblocks"

@@ -184,7 +184,7 @@ def test_bad_input(params):
         load_config(params, "dblocks", ["diffusion.num_blocks=2"])
     with pytest.raises(ConfigError, match="eval.prompt_len 40 must be shorter than the context model.seq_len 40"):
         load_config(params, "e2e", ["eval.prompt_len=40"])
-    with pytest.raises(ConfigError, match="mean_recurrence and bptt must be >= 1"):
+    with pytest.raises(ConfigError, match=r"model.bptt must be an integer ≥ 1"):
         load_config(params, "e2e", ["model.bptt=0"])
     with pytest.raises(ConfigError, match="eval.recurrence_variants must be iteration counts >= 1"):
         load_config(params, "e2e", ["eval.recurrence_variants=[0]"])
