@@ -179,14 +179,7 @@ def run_sweep(params_path: str | Path, study_name: str | None = None, trials: in
         study.enqueue_trial(t.params, user_attrs={"retry_of": t.number})
         log(f"sweep {study_name}: trial {t.number} was interrupted; retrying its params")
 
-    parent = None
-    if track.enabled():
-        mlflow = track._mlflow()
-        track._experiment(mlflow, suite)
-        found = mlflow.search_runs(filter_string=f"tags.`bench.sweep` = '{study_name}'", output_format="list", max_results=1)
-        parent = found[0].info.run_id if found else mlflow.MlflowClient().create_run(
-            mlflow.get_experiment_by_name(suite).experiment_id,
-            tags={"bench.sweep": study_name, "mlflow.runName": f"sweep {study_name}"}).info.run_id
+    parent = track.find_sweep_run(suite, study_name) if track.enabled() else None
 
     def done() -> list:
         return [t for t in study.get_trials(deepcopy=False) if t.state in (TrialState.COMPLETE, TrialState.PRUNED)]

@@ -136,6 +136,17 @@ def find_parent_run(suite: str, key: str, params_path: str | Path | None = None,
     return run.info.run_id
 
 
+def find_sweep_run(suite: str, study_name: str) -> str:
+    """The parent run of a sweep's trials, found by its study name; created if absent."""
+    mlflow = _mlflow()
+    _experiment(mlflow, suite)
+    found = mlflow.search_runs(filter_string=f"tags.`bench.sweep` = '{study_name}'", output_format="list", max_results=1)
+    if found:
+        return found[0].info.run_id
+    return mlflow.MlflowClient().create_run(mlflow.get_experiment_by_name(suite).experiment_id, tags={
+        "bench.sweep": study_name, "mlflow.runName": f"sweep {study_name}"}).info.run_id
+
+
 def flatten(d: dict, prefix: str = "") -> dict:
     out = {}
     for k, v in d.items():
