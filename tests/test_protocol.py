@@ -183,3 +183,25 @@ def test_design_claim_rows_are_signed_for_the_papers_choice(tmp_path, fashion_ro
     (row,) = claim_rows(p, load_protocol(p), higher_is_better=True, log=lambda *_: None)
     assert row["claim"] == "b" and row["db_arm"] == "dblocks" and row["seeds"] == 3
     assert row["mean_diff"] == pytest.approx(0.10) and row["verdict"] == "better"
+
+
+def test_recurrent_claim_rows_measure_the_saving_against_ten():
+    """Claim (f): the counted FLOP saving E2E / DB is judged against the paper's ≈10×, and the
+    quality row restates the pair's paired difference at that saving."""
+    import pandas as pd
+
+    from bench.report_verdict import recurrent_rows
+
+    pair = {"claim": "a", "pair": "paper", "e2e_arm": "e2e", "db_arm": "dblocks", "metric": "mauve@rnn",
+            "seeds": 5, "mean_diff": -0.02, "ci_low": -0.04, "ci_high": 0.01, "margin": 0.05,
+            "verdict": "matches", "flop_ratio_db_e2e": 0.4, "compute": "not matched", "statement": "x"}
+    seeds = pd.DataFrame({"arm": ["e2e", "dblocks"], "layer_evals": [5500, 1000]})
+    compute, quality = recurrent_rows([pair], seeds)
+    assert compute["claim"] == quality["claim"] == "f"
+    assert compute["mean_diff"] == pytest.approx(2.5 / 10 - 1) and compute["verdict"] == "worse"
+    assert "2.50×" in compute["note"] and "5.50×" in compute["note"]
+    assert (quality["mean_diff"], quality["verdict"], quality["seeds"]) == (-0.02, "matches", 5)
+    assert "2.5× less" in quality["statement"]
+    pair["flop_ratio_db_e2e"] = 0.1   # a 10× saving matches the claim
+    assert recurrent_rows([pair], seeds)[0]["verdict"] == "matches"
+    assert recurrent_rows([{**pair, "verdict": "not tested"}], seeds) == []

@@ -239,3 +239,23 @@ def test_held_back_corpora_from_their_packages(text_root, name, docs, chars):
     assert len(got) == docs and sum(len(t) for _, t in got) == chars
     assert corpus_digest(got) == CORPUS_SHA256[name]
     assert "/" not in got[0][1][:300] or name == "austen"        # POS tags are gone
+
+
+def test_only_seed_zero_of_a_protocol_suite_publishes_samples(tmp_path):
+    """Every seed keeps its samples in its run; results/<suite>/samples_<arm>.md comes from an
+    unseeded run or seed 0, not from whichever seed finished last."""
+    from types import SimpleNamespace
+
+    from bench.tasks.text_base import TextTask
+
+    def publish(out_dir, seed):
+        task = object.__new__(TextTask)
+        task.cfg = SimpleNamespace(out_dir=str(out_dir), suite="s", arm="a", train=SimpleNamespace(seed=seed),
+                                   eval=SimpleNamespace(samples_dir=str(tmp_path / "results")))
+        return task.publish_samples(f"seed {seed}")
+
+    published = tmp_path / "results/s/samples_a.md"
+    assert publish(tmp_path / "runs/s/a/seed0", 0) == published
+    assert publish(tmp_path / "runs/s/a/seed3", 3) == tmp_path / "runs/s/a/seed3/samples.md"
+    assert published.read_text() == "seed 0" and (tmp_path / "runs/s/a/seed3/samples.md").read_text() == "seed 3"
+    assert publish(tmp_path / "runs/s/a", 7) == published and published.read_text() == "seed 7"   # unseeded run

@@ -239,8 +239,8 @@ class LMGeneration:
         return f"{dec} decoding"
 
     def write_samples(self, gen: dict, split: str) -> Path:
-        """The first eval.samples_shown continuations: test → <samples_dir>/<suite>/samples_<arm>.md (the
-        published file) and samples.md in the run; val → samples_val.md in the run only."""
+        """The first eval.samples_shown continuations: test → samples.md in the run and the published
+        <samples_dir>/<suite>/samples_<arm>.md (TextTask.publish_samples); val → samples_val.md in the run only."""
         e, tok = self.cfg.eval, self.data.tokenizer
         md = [f"# {self.cfg.suite}/{self.cfg.arm}: sampled continuations\n",
               f"{len(gen['conts'])} continuations of {e.gen_len} {tok.kind} tokens after {e.prompt_len}-token prompts "
@@ -254,5 +254,4 @@ class LMGeneration:
         text = "\n".join(md)
         if split != "test":
             return atomic.write_text(Path(self.cfg.out_dir) / f"samples_{split}.md", text)
-        atomic.write_text(Path(self.cfg.out_dir) / "samples.md", text)
-        return atomic.write_text(Path(e.samples_dir) / self.cfg.suite / f"samples_{self.cfg.arm}.md", text)
+        return self.publish_samples(text)

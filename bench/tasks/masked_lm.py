@@ -281,5 +281,4 @@ class MaskedLMTask(TextTask):
         for i, text in enumerate(passages):
             md += [f"## Passage {i + 1}\n", "```text", text, "```\n"]
         text = "\n".join(md)
-        atomic.write_text(Path(self.cfg.out_dir) / "samples.md", text)
-        return atomic.write_text(Path(e.samples_dir) / self.cfg.suite / f"samples_{self.cfg.arm}.md", text)
+        return self.publish_samples(text)

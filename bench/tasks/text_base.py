@@ -7,10 +7,12 @@ A subclass sets `self.spec` and says how many windows of a split are scored
 from __future__ import annotations
 
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Callable
 
 import numpy as np
 
+from bench import atomic
 from bench.config import ConfigError
 from bench.data.text import PreparedText, num_windows, open_text
 from bench.tasks.base import Task
@@ -63,6 +65,16 @@ class TextTask(Task):
 
     def load_test(self) -> HeldOutText:
         return self._held_out("test", self.cfg.data.test_subset)
+
+    def publish_samples(self, text: str) -> Path:
+        """A final evaluation's samples: the run's samples.md, and the published
+        <eval.samples_dir>/<suite>/samples_<arm>.md for an unseeded run and for seed 0 of a protocol
+        suite (one file per arm, not whichever seed finished last).  Returns the file to show."""
+        run_file = atomic.write_text(Path(self.cfg.out_dir) / "samples.md", text)
+        seed = self.cfg.train.seed
+        if Path(self.cfg.out_dir).name == f"seed{seed}" and seed != 0:
+            return run_file
+        return atomic.write_text(Path(self.cfg.eval.samples_dir) / self.cfg.suite / f"samples_{self.cfg.arm}.md", text)
 
     def _held_out(self, split: str, subset: int) -> HeldOutText:
         if not hasattr(self, "data"):
