@@ -405,8 +405,8 @@ class AutoregressiveTask(LMGeneration, TextTask):
     @torch.no_grad()
     def evaluate(self, model, device, final: bool = False, split: str = "val") -> dict:
         """Perplexity, and with scorers the sample figures under the shared decoding (final: every
-        scorer's MAUVE, samples, the decoding and inference variants), on `split`; keys named for it
-        (`metric_on`), compute counts unprefixed."""
+        scorer's MAUVE, samples, and on test the decoding and inference variants), on `split`; keys
+        named for it (`metric_on`), compute counts unprefixed."""
         held = self.split_data(split)
 
         def on(key: str) -> str:   # test_ppl → val_ppl, mauve@rnn → val_mauve@rnn on validation
@@ -436,9 +436,12 @@ class AutoregressiveTask(LMGeneration, TextTask):
                 result[on("samples_file")] = str(self.write_samples(gen, split))
                 result.update({f"scorer_{t}": name for t, name in gen["scorers"].items()})
                 result["decoding"] = self.decoding_note()
-                variants = self.decoding_variants(model, device, held, gen["metrics"])
-                result.update({on(k): v for k, v in variants.items()})
-            result.update({on(k): v for k, v in self.final_variants(model, device, held).items()})
+            # the variants are reported beside the published figures, never chosen among: test only
+            # (validation keeps the ranking figures, which every selection reads)
+            if split == "test":
+                if self.scorer_tags():
+                    result.update(self.decoding_variants(model, device, held, gen["metrics"]))
+                result.update(self.final_variants(model, device, held))
             track.log_final(self.cfg.suite, self.cfg.arm, texts={"metric_definitions.md": METRIC_DEFINITIONS},
                             files=[result.get(on("samples_file"))])
         model.train(was_training)

@@ -182,8 +182,8 @@ class LMGeneration:
         return out
 
     def final_variants(self, model, device, held: HeldOutText) -> dict:
-        """Other inference settings of the final evaluation, keyed as on test (the caller renames
-        them for the split).  DiffusionBlocks AR: the same prompts (one continuation each, the
+        """Other inference settings of the final evaluation, on test only (reported beside the
+        published figures, never chosen among).  DiffusionBlocks AR: the same prompts (one continuation each, the
         shared decoding) sampled with 2B and 4B denoiser calls per token, to show how the step count
         trades the sample figures against diversity.  The recurrent task overrides this with its recurrences."""
         if not self.cfg.is_dblocks or not self.scorer_tags():

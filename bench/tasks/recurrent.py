@@ -201,7 +201,7 @@ class RecurrentTask(AutoregressiveTask):
         """The final evaluation at every other K of eval.recurrence_variants (e.g. the e2e arm at K = 16
         as well as at r̄): perplexity, and with scorers the sample figures of one continuation per
         prompt under the shared decoding (`gen_ppl@rnn,K16`, `mauve@rnn,K16`, `distinct4@gen,K16`, …).
-        Keys as on test (the caller renames them for the split)."""
+        Keys as on test: the final evaluation runs them on test only."""
         e, out = self.cfg.eval, {}
         kind = "denoise" if self.cfg.is_dblocks else "test"
         for k in e.recurrence_variants:
