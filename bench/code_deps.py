@@ -38,7 +38,7 @@ ENTRIES = {
     "gen-report": ["bench.report_generation"],
     "fid": ["bench.metrics.fid", "bench.cli_generation"],
     "latents": ["bench.data.latents"],
-    "data": ["bench.data.text", "bench.data.images"],
+    "data": ["bench.data.text", "bench.data.images", "bench.data.imagefolder"],
     "rnn-reference": ["bench.models.rnn_lm"],
     "report": ["bench.report"],
 }

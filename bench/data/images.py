@@ -12,6 +12,9 @@ of their content, so every source yields the same bytes and `data.dvc` the same 
 CIFAR-10/100 are read in torchvision's on-disk format from a user path (they cannot be
 downloaded on the machines this harness is developed on); a missing dataset stops the run with a
 message naming the path that was searched and how to provide it.
+
+A user's own ImageFolder (`data.dataset: imagefolder`) is prepared into arrays by
+bench/data/imagefolder.py, which also holds the calls the image tasks make for every dataset.
 """
 
 from __future__ import annotations
@@ -286,8 +289,10 @@ def augment(images: torch.Tensor, kind: str, seed: int) -> torch.Tensor:
     raise ValueError(f"unknown augmentation {kind!r}")
 
 
-def normalise(images: torch.Tensor, dataset: str) -> torch.Tensor:
-    mean, std = NORMALISATION[dataset]
+def normalise(images: torch.Tensor, dataset: str, stats: tuple | None = None) -> torch.Tensor:
+    """(x/255 − mean) / std per channel: `stats` (mean, std) if given (a prepared ImageFolder's train
+    statistics), else the dataset's entry in NORMALISATION."""
+    mean, std = stats or NORMALISATION[dataset]
     x = images.float() / 255.0
     m = torch.tensor(mean, device=x.device).view(1, -1, 1, 1)
     s = torch.tensor(std, device=x.device).view(1, -1, 1, 1)
