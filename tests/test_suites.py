@@ -111,10 +111,15 @@ def test_every_default_is_written_so_dvc_exp_run_can_set_it(params):
     import dataclasses
 
     from bench.config import SECTIONS, section_class
+    from bench.data.imagefolder import IMAGEFOLDER, FolderFields
     raw = yaml.safe_load(params.read_text())
     if "arms" not in raw:
         return
     task, arch = raw.get("task", "classification"), (raw.get("model") or {}).get("arch", "vit")
+    # data.path/name/resize only mean something under data.dataset: imagefolder, and a suite that uses it
+    # writes them; writing them into every image suite would change the `data` param of its DVC stages
+    folder_only = set() if (raw.get("data") or {}).get("dataset") == IMAGEFOLDER else \
+        {f"data.{f.name}" for f in dataclasses.fields(FolderFields)}
     missing = [f"{s}.{f.name}" for s in SECTIONS for f in dataclasses.fields(section_class(s, task, arch))
-               if f.name not in (raw.get(s) or {}) and f.name != "arch"]
+               if f.name not in (raw.get(s) or {}) and f.name != "arch" and f"{s}.{f.name}" not in folder_only]
     assert not missing, f"{params.name} lacks {missing[:5]}: write their defaults (see bench/config.py)"

@@ -19,17 +19,19 @@ import torch
 import torch.nn.functional as F
 
 from dataclasses import dataclass, field
+from functools import cached_property
 
 from bench.blocks import BlockLayout
 from bench.config import ConfigError, DataConfig, EvalConfig, model_config, parse_settings
-from bench.data.images import SHAPES, ImageSplit, augment, check_dataset, load_dataset, normalise
+from bench.data import imagefolder
+from bench.data.images import ImageSplit, augment, normalise
 from bench.diffusion import (Partition, c_noise, denoised, sample_chain, scale_input, sigmas_equiprobable,
                              weighted_loss)
 from bench.splits import carve_validation
 from bench.tasks.base import Task
 
 @dataclass
-class ImageDataConfig(DataConfig):
+class ImageDataConfig(imagefolder.FolderFields, DataConfig):   # + path, name, resize (data.dataset: imagefolder)
     augment: str = "none"              # none | crop_flip | randaugment (crop_flip + RandAugment)
     val_fraction: float = 0.1          # validation carved from train (seeded by val_seed, fixed per suite)
     val_seed: int = 0
@@ -87,6 +89,7 @@ class ClassificationTask(Task):
 
     @classmethod
     def validate_config(cls, cfg) -> None:
+        imagefolder.validate(cfg.data)
         if cfg.data.augment not in ("none", "crop_flip", "randaugment"):
             raise ConfigError(f"unknown data.augment {cfg.data.augment!r}; choose none, crop_flip or randaugment")
         if cfg.eval.inference not in INFERENCE:
@@ -102,22 +105,19 @@ class ClassificationTask(Task):
 
     # ---- data and model ---------------------------------------------------------------------
     def check(self) -> None:
-        data = self.cfg.data
-        check_dataset(data.dataset, data.root)
-        channels, size, classes = SHAPES[data.dataset]
+        channels, size, classes = imagefolder.check_images(self.cfg)
         m = model_config(self.cfg.model)
         if (m.in_channels, m.image_size, m.num_classes) != (channels, size, classes):
             raise ConfigError(f"arm {self.cfg.arm}: the model takes {m.in_channels}×{m.image_size}×{m.image_size} images "
-                              f"and {m.num_classes} classes, but {data.dataset} has {channels}×{size}×{size} and {classes}")
+                              f"and {m.num_classes} classes, but {imagefolder.dataset_label(self.cfg)} has "
+                              f"{channels}×{size}×{size} and {classes}")
 
     def load(self) -> None:
-        self.train_split, self.val_data = carve_image_validation(self.cfg.data, load_dataset(
-            self.cfg.data.dataset, self.cfg.data.root, splits=("train",), verify=self.cfg.data.verify)["train"])
+        self.train_split, self.val_data = carve_image_validation(self.cfg.data, imagefolder.load_images(self.cfg, "train"))
         self.num_train = len(self.train_split)
 
     def load_test(self) -> ImageSplit:
-        data = self.cfg.data
-        return load_dataset(data.dataset, data.root, splits=("test",), verify=self.cfg.data.verify)["test"].head(data.test_subset)
+        return imagefolder.load_images(self.cfg, "test").head(self.cfg.data.test_subset)
 
     def build_model(self):
         from bench.models import ARCHS
@@ -135,7 +135,12 @@ class ClassificationTask(Task):
 
     def _images(self, split, indices, device, augmentation="none", seed=0):
         images = augment(split.images[indices], augmentation, seed)
-        return normalise(images, self.cfg.data.dataset).to(device), split.labels[indices].to(device)
+        return normalise(images, self.cfg.data.dataset, self.normalisation).to(device), split.labels[indices].to(device)
+
+    @cached_property
+    def normalisation(self) -> tuple | None:
+        """A prepared ImageFolder's recorded train mean/std (None: the built-in dataset's table)."""
+        return imagefolder.normalisation(self.cfg)
 
     # ---- training ---------------------------------------------------------------------------
     def loss(self, model, batch, *, sigma: torch.Tensor | None, layers: range,

@@ -17,7 +17,8 @@ generated images against that split's real images: "val" against the validation 
 every choice reads, e.g. the σ grid), "test" against the test split (opened through the seal).
 The train reference (`fid_splits: [.., train]`, final evaluation only) is the train split *minus*
 validation.  Reference features are cached under names that say which set they are
-(`fashion_mnist-val0.1-seed0-first1000-…`, `fashion_mnist-test-first1000-…`).
+(`fashion_mnist-val0.1-seed0-first1000-…`, `fashion_mnist-test-first1000-…`; a prepared ImageFolder,
+`data.dataset: imagefolder` (bench/data/imagefolder.py), is named `imagefolder-<name>-<content hash>-…`).
 
 Metrics (`bench.metrics.fid`, torch-fidelity: its TF-legacy bilinear resize to 299, not clean-fid's):
 `val_fid` / `test_fid` with `fid_n` generated images (balanced over classes), the minimum over
@@ -42,19 +43,19 @@ import torch
 
 from bench.blocks import BlockLayout
 from bench.config import ConfigError, DataConfig, EvalConfig, model_config
-from bench.data.images import SHAPES, check_dataset, load_dataset
+from bench.data import imagefolder
 from bench.diffusion import GRIDS, c_noise, denoised, make_sigmas, sample_chain, scale_input, weighted_loss
 from bench.metrics import fid as fidlib
 from bench.splits import carve_validation, metric_on
 from bench.tasks.base import Task
 from bench.tasks.classification import carve_image_validation
 
-IMAGE_DATASETS = ("fashion_mnist", "cifar10")
+IMAGE_DATASETS = ("fashion_mnist", "cifar10", imagefolder.IMAGEFOLDER)
 LATENT_DATASETS = ("imagenet_latents",)
 
 
 @dataclass
-class GenerationDataConfig(DataConfig):
+class GenerationDataConfig(imagefolder.FolderFields, DataConfig):   # + path, name, resize (imagefolder)
     hflip: bool = False          # random horizontal flips (DiT's only augmentation)
     label_dropout: float = 0.1   # fraction of labels replaced by the null class (CFG training)
     val_fraction: float = 0.1    # validation (the FID reference of every choice) carved from train
@@ -127,6 +128,7 @@ class GenerationTask(Task):
     @classmethod
     def validate_config(cls, cfg) -> None:
         e, d = cfg.eval, cfg.data
+        imagefolder.validate(d)
         if cfg.model.get("arch") != "dit":
             raise ConfigError(f"task generation needs model.arch: dit, got {cfg.model.get('arch')!r}")
         if d.dataset not in IMAGE_DATASETS + LATENT_DATASETS:
@@ -179,26 +181,25 @@ class GenerationTask(Task):
         return self.cfg.data.dataset in LATENT_DATASETS
 
     def shape(self) -> tuple[int, int, int]:
-        """(channels, side, classes) of what the network denoises."""
+        """(channels, side, classes) of what the network denoises (images: after checking they are there)."""
         d = self.cfg.data
         if self.latent:
             from bench.data.latents import store_meta
             meta = store_meta(d) or {}
             return 4, d.image_size // 8, int(meta.get("num_classes", 1000))
-        return SHAPES[d.dataset]
+        return imagefolder.check_images(self.cfg)
 
     def check(self) -> None:
         d, e = self.cfg.data, self.cfg.eval
         if self.latent:
             from bench.data.latents import check_sources
             check_sources(d)
-        else:
-            check_dataset(d.dataset, d.root)
         channels, size, classes = self.shape()
         m = self.mcfg
         if (m.in_channels, m.image_size, m.num_classes) != (channels, size, classes):
+            label = d.dataset if self.latent else imagefolder.dataset_label(self.cfg)
             raise ConfigError(f"arm {self.cfg.arm}: the model takes {m.in_channels}×{m.image_size}×{m.image_size} inputs "
-                              f"and {m.num_classes} classes, but {d.dataset} gives {channels}×{size}×{size} and {classes}")
+                              f"and {m.num_classes} classes, but {label} gives {channels}×{size}×{size} and {classes}")
         if e.fid_weights != fidlib.DOWNLOAD:
             try:
                 fidlib.check_weights(e.fid_weights)
@@ -216,14 +217,14 @@ class GenerationTask(Task):
         if self.latent:
             val_size, train_size = self._load_latents(carve, val_n)
         else:
-            full = load_dataset(d.dataset, d.root, splits=("train",), verify=d.verify)["train"]
+            full, name = imagefolder.load_images(self.cfg, "train"), imagefolder.dataset_label(self.cfg)
             # the carve of the whole train split; train_subset limits training, not the train reference
             train, val = carve_image_validation(dataclasses.replace(d, train_subset=0), full)
             train_set = train.head(d.train_subset)
             self.train_x, self.train_y = train_set.images, train_set.labels
-            self.val_data = fidlib.ReferenceSet(f"{d.dataset}-{carve}-first{val_n or 'all'}",
+            self.val_data = fidlib.ReferenceSet(f"{name}-{carve}-first{val_n or 'all'}",
                                                 lambda: val.head(val_n).images)
-            self.train_reference = fidlib.ReferenceSet(f"{d.dataset}-train-minus-{carve}-first{e.fid_ref_n or 'all'}",
+            self.train_reference = fidlib.ReferenceSet(f"{name}-train-minus-{carve}-first{e.fid_ref_n or 'all'}",
                                                        lambda: train.head(e.fid_ref_n).images)
             val_size, train_size = len(val), len(train)
         self.num_train = len(self.train_rows) if self.train_rows is not None else len(self.train_y)
@@ -256,10 +257,11 @@ class GenerationTask(Task):
         if self.latent:
             from bench.data.latents import real_images
             return fidlib.ReferenceSet(f"{d.dataset}{d.image_size}-test-first{n or 'all'}", lambda: real_images(d, "val", n))
-        test = load_dataset(d.dataset, d.root, splits=("test",), verify=d.verify)["test"]
+        test = imagefolder.load_images(self.cfg, "test")
         if e.fid_ref_n > len(test):
             raise ConfigError(f"eval.fid_ref_n={e.fid_ref_n} is larger than the test split ({len(test)} images)")
-        return fidlib.ReferenceSet(f"{d.dataset}-test-first{n or 'all'}", lambda: test.head(n).images)
+        return fidlib.ReferenceSet(f"{imagefolder.dataset_label(self.cfg)}-test-first{n or 'all'}",
+                                   lambda: test.head(n).images)
 
     def build_model(self):
         from bench.models import ARCHS
@@ -481,12 +483,11 @@ class GenerationTask(Task):
         from torchvision.utils import make_grid
 
         from bench import atomic
-        from bench.data.images import CLASS_NAMES
         cols = self.cfg.eval.grid_columns
         images = self.grid_images(model, device)
         grid = make_grid(images.float() / 255, nrow=cols, padding=1, pad_value=1.0).permute(1, 2, 0).numpy()
         rows = len(images) // cols
-        names = CLASS_NAMES.get(self.cfg.data.dataset, ())
+        names = imagefolder.class_names(self.cfg)
         fig, ax = plt.subplots(figsize=(max(6.0, 0.6 * cols + 1.8), max(4.0, 0.6 * rows + 0.8)))
         ax.imshow(grid, interpolation="nearest")
         side = (grid.shape[0] - 1) / rows
