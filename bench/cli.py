@@ -3,6 +3,7 @@
   bench partition -B 3 --strategy equiprobable --gamma 0.05   what each block will train on
   bench data fashion-mnist                                    obtain a dataset offline
   bench data shakespeare [--tokenizer bpe]                    prepare a text corpus (or: text --source FILE)
+  bench data images --source DIR --name NAME [--image-size 32] an ImageFolder → data/images/NAME (data.dataset: imagefolder)
   bench prepare suites/vit_fashion/params.yaml                validate every arm, print the budgets
   bench train   suites/vit_fashion/params.yaml --arm dblocks [--resume] [--set train.lr=5e-4]
   bench evaluate suites/vit_fashion/params.yaml --arm dblocks
@@ -72,8 +73,11 @@ def cmd_data(a) -> None:
         print(f"Fashion-MNIST ready in {out} (content verified against the published SHA-256)")
     elif a.dataset == "text" or a.dataset in text.DATASETS:
         text.cli_data(a.dataset, a.source, a.root, a.tokenizer, a.vocab_size, a.params, a.name)
+    elif a.dataset in ("images", "imagefolder"):
+        from bench.data.imagefolder import cli_data
+        cli_data(a.source, a.name, a.root, a.image_size, a.channels, a.resize)
     else:
-        raise ConfigError(f"unknown dataset {a.dataset!r} for `bench data`; available: fashion-mnist, text, "
+        raise ConfigError(f"unknown dataset {a.dataset!r} for `bench data`; available: fashion-mnist, images, text, "
                           f"{', '.join(text.DATASETS)}. CIFAR-10/100 are read from a user path (data.root in params.yaml)")
 
 
@@ -284,13 +288,22 @@ def build_parser() -> argparse.ArgumentParser:
 
     q = sub.add_parser("data", help="obtain a dataset offline into data/")
     q.add_argument("dataset", help="fashion-mnist | shakespeare | austen | brown | text8 | lm1b | owt | "
-                                   "text (with --source FILE_OR_DIR, or --params PARAMS: a suite's data section)")
-    q.add_argument("--source", default=None, help="a directory that already holds the files (text: a file or directory)")
+                                   "text (with --source FILE_OR_DIR, or --params PARAMS: a suite's data section) | "
+                                   "images (with --source DIR: an ImageFolder, train/<class>/… and test/ or val/)")
+    q.add_argument("--source", default=None, help="a directory that already holds the files (text: a file or "
+                   "directory; images: the ImageFolder)")
     q.add_argument("--root", default="data", help="directory the dataset goes into (default data/)")
     q.add_argument("--params", default=None, help="text: prepare what this suite's data section says")
     q.add_argument("--tokenizer", default=None, help="text: char (default) | bpe")
     q.add_argument("--vocab-size", type=int, default=None, help="text, bpe: vocabulary size (default 4096)")
-    q.add_argument("--name", default=None, help="text --source: the dataset name (default: the file name)")
+    q.add_argument("--name", default=None, help="text --source / images: the dataset name, data.name in params "
+                   "(default: the file or folder name)")
+    q.add_argument("--image-size", type=int, default=None, help="images: side in pixels to convert to "
+                   "(default 32; a run needs its model.image_size)")
+    q.add_argument("--channels", type=int, default=None, help="images: 1 (Pillow \"L\") or 3 (\"RGB\", default); "
+                   "a run needs its model.in_channels")
+    q.add_argument("--resize", default=None, choices=("resize", "center_crop"), help="images: resize (the short "
+                   "side, then a centre crop; default) or center_crop (the centre square, then resize); data.resize")
     q.set_defaults(func=cmd_data)
 
     def suite_cmd(name, func, help_, arm=True, arm_required=True):
