@@ -5,6 +5,7 @@
 #   scripts/run_seeds.sh suites/vit_fashion/params.yaml "e2e dblocks" "0 1 2 3 4" [JOBS]
 set -euo pipefail
 params=$1; arms=$2; seeds=$3; jobs=${4:-2}
-for arm in $arms; do for seed in $seeds; do echo "$arm $seed"; done; done |
+# seed-major (every arm of seed 0, then of seed 1, …): a run stopped part-way still leaves paired seeds
+for seed in $seeds; do for arm in $arms; do echo "$arm $seed"; done; done |
   xargs -P "$jobs" -L 1 bash -c 'bench train "$0" --arm "$1" --seed "$2" --resume-if-compatible --no-progress &&
                                  bench evaluate "$0" --arm "$1" --seed "$2"' "$params"
