@@ -75,7 +75,7 @@ def cmd_data(a) -> None:
         text.cli_data(a.dataset, a.source, a.root, a.tokenizer, a.vocab_size, a.params, a.name)
     elif a.dataset in ("images", "imagefolder"):
         from bench.data.imagefolder import cli_data
-        cli_data(a.source, a.name, a.root, a.image_size, a.channels, a.resize)
+        cli_data(a.source, a.name, a.root, a.image_size, a.channels, a.resize, source_format=a.source_format)
     else:
         raise ConfigError(f"unknown dataset {a.dataset!r} for `bench data`; available: fashion-mnist, images, text, "
                           f"{', '.join(text.DATASETS)}. CIFAR-10/100 are read from a user path (data.root in params.yaml)")
@@ -289,7 +289,8 @@ def build_parser() -> argparse.ArgumentParser:
     q = sub.add_parser("data", help="obtain a dataset offline into data/")
     q.add_argument("dataset", help="fashion-mnist | shakespeare | austen | brown | text8 | lm1b | owt | "
                                    "text (with --source FILE_OR_DIR, or --params PARAMS: a suite's data section) | "
-                                   "images (with --source DIR: an ImageFolder, train/<class>/… and test/ or val/)")
+                                   "images (with --source DIR: an ImageFolder, train/<class>/… and test/ or val/; "
+                                   "or Tiny-ImageNet: tiny-imagenet-200/ or zh-plus/tiny-imagenet parquet files)")
     q.add_argument("--source", default=None, help="a directory that already holds the files (text: a file or "
                    "directory; images: the ImageFolder)")
     q.add_argument("--root", default="data", help="directory the dataset goes into (default data/)")
@@ -304,6 +305,10 @@ def build_parser() -> argparse.ArgumentParser:
                    "a run needs its model.in_channels")
     q.add_argument("--resize", default=None, choices=("resize", "center_crop"), help="images: resize (the short "
                    "side, then a centre crop; default) or center_crop (the centre square, then resize); data.resize")
+    q.add_argument("--source-format", default=None, choices=("auto", "imagefolder", "tiny_imagenet"),
+                   help="images: what --source holds; auto (default: detected), imagefolder (class folders) or "
+                   "tiny_imagenet (the tiny-imagenet-200/ folder or the zh-plus/tiny-imagenet parquet files); "
+                   "data.source_format")
     q.set_defaults(func=cmd_data)
 
     def suite_cmd(name, func, help_, arm=True, arm_required=True):

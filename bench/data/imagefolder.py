@@ -5,10 +5,12 @@ Source: <path>/train/<class>/…, and <path>/test/<class>/… or, without test/,
 its class folder; hidden files and extensions Pillow does not open are skipped.  Classes: the sorted
 folder names, the same in every split.  Validation is carved from train by the tasks
 (`bench.splits.carve_validation`), as for the built-in datasets, never taken from val/.
+Tiny-ImageNet's two published forms (the tiny-imagenet-200/ folder, Hugging Face parquet files) are
+read too: data.source_format, bench/data/tinyimagenet.py.
 
 Preparation (`bench data images --source DIR --name NAME [--image-size N] [--channels C]
-[--resize resize|center_crop] [--root data]`, or `prepare_folder`) converts every image to
-`channels` (1: Pillow "L", 3: "RGB") and to image_size × image_size by
+[--resize resize|center_crop] [--source-format F] [--root data]`, or `prepare_folder`) converts
+every image to `channels` (1: Pillow "L", 3: "RGB") and to image_size × image_size by
   resize       resize the short side to image_size, then crop the centre
   center_crop  crop the centre square (side: the short side), then resize
 (bilinear, antialiased: torchvision's Resize; both modes keep the central square and differ only in
@@ -45,6 +47,7 @@ import numpy as np
 import torch
 
 from bench.config import ConfigError, model_config
+from bench.data import tinyimagenet
 from bench.data.images import CLASS_NAMES, SHAPES, DatasetMissing, ImageSplit, check_dataset, load_dataset
 
 IMAGEFOLDER = "imagefolder"
@@ -53,7 +56,8 @@ RESIZE_MODES = ("resize", "center_crop")
 PIL_MODES = {1: "L", 3: "RGB"}
 SPLITS = ("train", "test")
 RECIPE = ("source", "image_size", "channels", "resize")   # what decides the arrays (compared with params)
-LAYOUT = "train/<class>/… and test/<class>/… (or val/<class>/…)"
+LAYOUT = tinyimagenet.FOLDERS
+NORMALISATIONS = {"train": None, "imagenet": ((0.485, 0.456, 0.406), (0.229, 0.224, 0.225))}
 
 
 @dataclass
@@ -62,6 +66,8 @@ class FolderFields:
     path: str = ""            # imagefolder: the source folder; "" to use the prepared data.name as it is
     name: str = ""            # imagefolder: the prepared <root>/images/<name>/ (default: the source folder's name)
     resize: str = "resize"    # imagefolder: resize (short side, then centre crop) | center_crop (square, then resize)
+    source_format: str = "auto"   # imagefolder: auto | imagefolder | tiny_imagenet (bench/data/tinyimagenet.py)
+    normalisation: str = "train"  # imagefolder, classification: train (the recorded train mean/std) | imagenet
 
 
 # ---- the source folder ------------------------------------------------------------------------
@@ -76,12 +82,20 @@ def _images_in(folder: Path, extensions: set[str]) -> list[Path]:
     return sorted(found, key=lambda p: p.relative_to(folder).as_posix())
 
 
-def scan(source: str | Path) -> tuple[list[str], dict[str, list[tuple[Path, int]]], str]:
-    """(classes, {split: [(file, label)]}, the folder the test split comes from): the layout
+def scan(source: str | Path, source_format: str = "auto") -> tuple[list[str], dict[str, list], str, str]:
+    """(classes, {split: [(image, label)]}, where the test split comes from, the layout): the layout
     checked before any image is decoded; each fault is one line naming the folder."""
     src = Path(source)
-    if not src.is_dir():
-        raise DatasetMissing(f"image folder not found: {src} (expected {LAYOUT})")
+    layout = tinyimagenet.detect(src, source_format)
+    if layout == "tiny-imagenet-200":
+        extensions = _extensions()
+        return (*tinyimagenet.scan_tiny_imagenet(src, lambda f: _images_in(f, extensions)), "val", layout)
+    if layout == "parquet":
+        return (*tinyimagenet.scan_parquet(src), layout)
+    return (*_scan_folders(src), layout)
+
+
+def _scan_folders(src: Path) -> tuple[list[str], dict[str, list[tuple[Path, int]]], str]:
     if not (src / "train").is_dir():
         raise DatasetMissing(f"{src} has no train/ folder (expected {LAYOUT})")
     test_from = next((s for s in ("test", "val") if (src / s).is_dir()), None)
@@ -114,8 +128,9 @@ def _fit(image_size: int, resize: str):
     return T.Compose([lambda im: T.functional.center_crop(im, min(im.size)), T.Resize((image_size, image_size))])
 
 
-def read_image(path: Path, channels: int, fit) -> np.ndarray:
-    """One image as uint8 (C, S, S); DatasetMissing naming the file if Pillow cannot decode it."""
+def read_image(path, channels: int, fit) -> np.ndarray:
+    """One image (a file, or a tinyimagenet.Blob) as uint8 (C, S, S); DatasetMissing naming it if
+    Pillow cannot decode it."""
     from PIL import Image
     try:
         with Image.open(path) as im:
@@ -198,18 +213,21 @@ def channel_stats(images: np.ndarray, chunk: int = 2048) -> tuple[list[float], l
 
 
 def prepare_folder(source: str | Path, name: str = "", root: str | Path = "data", image_size: int = 32,
-                   channels: int = 3, resize: str = "resize", progress: bool = True) -> Path:
+                   channels: int = 3, resize: str = "resize", progress: bool = True,
+                   source_format: str = "auto") -> Path:
     """Decode and convert an ImageFolder into <root>/images/<name>/ (see the module docstring)."""
     from tqdm import tqdm
     name = name or default_name(FolderFields(path=str(source)))
     check_recipe(image_size, channels, resize, name)
-    classes, items, test_from = scan(source)
+    classes, items, test_from, layout = scan(source, source_format)
     out, fit, overall = prepared_dir(root, name), _fit(image_size, resize), hashlib.sha256()
     meta = {"format": FORMAT, "name": name, "source": str(Path(source).resolve()), "image_size": image_size,
             "channels": channels, "pil_mode": PIL_MODES[channels], "resize": resize,
             "resample": "bilinear, antialiased (torchvision Resize)", "classes": classes, "test_from": test_from,
-            "test_note": "the source has no test/: val/ is the test split" if test_from == "val" else
-                         "test/ is the test split (a val/, if any, is not read)", "splits": {}}
+            "layout": layout, "splits": {},
+            "test_note": tinyimagenet.TEST_NOTES[layout].format(split=test_from) if layout != "imagefolder" else
+                         "the source has no test/: val/ is the test split" if test_from == "val" else
+                         "test/ is the test split (a val/, if any, is not read)"}
     with _replacing(out) as tmp:
         for split in SPLITS:
             pairs = items[split]
@@ -236,9 +254,15 @@ def validate(d) -> None:
     """The imagefolder keys of a data section, checked with the params (no files read)."""
     if d.resize not in RESIZE_MODES:
         raise ConfigError(f"unknown data.resize {d.resize!r}; choose {' or '.join(RESIZE_MODES)}")
+    tinyimagenet.check_format(d.source_format)
+    if d.normalisation not in NORMALISATIONS:
+        raise ConfigError(f"unknown data.normalisation {d.normalisation!r}; choose {' or '.join(NORMALISATIONS)}")
     if d.dataset != IMAGEFOLDER:
         if d.path or d.name:
             raise ConfigError(f"data.path and data.name belong to data.dataset: {IMAGEFOLDER}, not {d.dataset}")
+        if d.source_format != "auto" or d.normalisation != "train":
+            raise ConfigError(f"data.source_format and data.normalisation belong to data.dataset: {IMAGEFOLDER}, not "
+                              f"{d.dataset} (leave them at auto and train)")
         return
     if not (d.path or d.name):
         raise ConfigError(f"data.dataset: {IMAGEFOLDER} needs data.path (the source folder) or data.name (a dataset "
@@ -249,6 +273,7 @@ def validate(d) -> None:
 def prepare_command(d, m) -> str:
     cmd = ["bench", "data", "images", "--source", d.path or "DIR", "--name", default_name(d), "--image-size",
            str(m.image_size), "--channels", str(m.in_channels), "--resize", d.resize]
+    cmd += ["--source-format", d.source_format] if d.source_format != "auto" else []
     return " ".join(shlex.quote(c) for c in cmd + (["--root", d.root] if d.root != "data" else []))
 
 
@@ -265,8 +290,7 @@ def open_prepared(cfg) -> tuple[Path, dict]:
         if not d.path:
             raise DatasetMissing(f"prepared images not found in {out} (data.name {default_name(d)!r}, no data.path): "
                                  f"prepare them with `{how}`, or set data.path")
-        if not Path(d.path).is_dir():
-            raise DatasetMissing(f"image folder not found: {d.path} (data.path; expected {LAYOUT})")
+        tinyimagenet.detect(d.path, d.source_format, "data.path")   # the source's layout, one line if it is not there
         raise DatasetMissing(f"prepared images not found in {out}: prepare them with `{how}`")
     try:
         meta = json.loads((out / "meta.json").read_text())
@@ -276,6 +300,10 @@ def open_prepared(cfg) -> tuple[Path, dict]:
         raise DatasetMissing(f"{out} is in another format ({meta.get('format')!r}, not {FORMAT}): prepare it again")
     want = {"source": str(Path(d.path).resolve()), "image_size": m.image_size, "channels": m.in_channels,
             "resize": d.resize}
+    layout = meta.get("layout", "imagefolder")
+    if d.path and d.source_format != "auto" and tinyimagenet.LAYOUTS[layout] != d.source_format:
+        raise DatasetMissing(f"{out} was prepared from a {layout} source, but data.source_format is "
+                             f"{d.source_format}: replace it with `{how}`, or set another data.name")
     if d.path and any(meta.get(k) != want[k] for k in RECIPE):
         raise DatasetMissing(f"{out} was prepared from {_describe(meta)}, but the params ask for {_describe(want)}: "
                              f"replace it with `{how}`, or set another data.name")
@@ -312,6 +340,9 @@ def check_images(cfg) -> tuple[int, int, int]:
         check_dataset(d.dataset, d.root)
         return SHAPES[d.dataset]
     _, meta = open_prepared(cfg)
+    if d.normalisation == "imagenet" and meta["channels"] != 3:
+        raise ConfigError(f"data.normalisation: imagenet has 3 channels' statistics, but {default_name(d)} has "
+                          f"{meta['channels']} channel(s); use data.normalisation: train")
     return meta["channels"], meta["image_size"], len(meta["classes"])
 
 
@@ -331,7 +362,10 @@ def dataset_label(cfg) -> str:
 
 
 def normalisation(cfg) -> tuple | None:
-    """The recorded train mean/std of a prepared folder; None for the built-in datasets (their table)."""
+    """A prepared folder's (mean, std): its recorded train statistics, or with data.normalisation:
+    imagenet ImageNet's fixed ones; None for the built-in datasets (their table)."""
+    if cfg.data.dataset == IMAGEFOLDER and cfg.data.normalisation != "train":
+        return NORMALISATIONS[cfg.data.normalisation]
     meta = open_prepared(cfg)[1] if cfg.data.dataset == IMAGEFOLDER else None
     return meta and (tuple(meta["mean"]), tuple(meta["std"]))
 
@@ -343,12 +377,13 @@ def class_names(cfg) -> tuple[str, ...]:
 
 
 def cli_data(source: str | None, name: str | None, root: str = "data", image_size: int | None = None,
-             channels: int | None = None, resize: str | None = None, log=print) -> Path:
+             channels: int | None = None, resize: str | None = None, log=print,
+             source_format: str | None = None) -> Path:
     """`bench data images --source DIR --name NAME …`: prepare, then say where and what."""
     if not source:
-        raise ConfigError(f"`bench data images` needs --source DIR (an ImageFolder: {LAYOUT})")
+        raise ConfigError(f"`bench data images` needs --source DIR ({tinyimagenet.expected(source_format or 'auto')})")
     out = prepare_folder(source, name or "", root, 32 if image_size is None else image_size,
-                         3 if channels is None else channels, resize or "resize")
+                         3 if channels is None else channels, resize or "resize", source_format=source_format or "auto")
     meta = json.loads((out / "meta.json").read_text())
     classes, s = meta["classes"], meta["image_size"]
     counts = ", ".join(f"{k} {v['count']:,}" for k, v in meta["splits"].items())

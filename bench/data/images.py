@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import gzip
 import hashlib
+import math
 import os
 import shutil
 import subprocess
@@ -266,11 +267,42 @@ class EpochBatches:
         return self._perm[i * self.batch_size:(i + 1) * self.batch_size]
 
 
+AUGMENTATIONS = ("none", "crop_flip", "randaugment", "resized_crop_flip")   # data.augment
+
+
+def resized_crop_box(h: int, w: int, g: torch.Generator, scale=(0.08, 1.0), ratio=(3 / 4, 4 / 3)) -> tuple[int, ...]:
+    """(top, left, height, width) of a RandomResizedCrop, torchvision's rule drawn from `g`: an area
+    fraction in `scale` and a log-uniform aspect ratio in `ratio`, 10 tries, then the centre crop."""
+    log_ratio = (math.log(ratio[0]), math.log(ratio[1]))
+    for _ in range(10):
+        area = h * w * (scale[0] + (scale[1] - scale[0]) * float(torch.rand((), generator=g)))
+        aspect = math.exp(log_ratio[0] + (log_ratio[1] - log_ratio[0]) * float(torch.rand((), generator=g)))
+        cw, ch = round(math.sqrt(area * aspect)), round(math.sqrt(area / aspect))
+        if 0 < cw <= w and 0 < ch <= h:
+            top = int(torch.randint(0, h - ch + 1, (), generator=g))
+            return top, int(torch.randint(0, w - cw + 1, (), generator=g)), ch, cw
+    if w / h < ratio[0]:
+        cw, ch = w, round(w / ratio[0])
+    elif w / h > ratio[1]:
+        ch, cw = h, round(h * ratio[1])
+    else:
+        cw, ch = w, h
+    return (h - ch) // 2, (w - cw) // 2, ch, cw
+
+
 def augment(images: torch.Tensor, kind: str, seed: int) -> torch.Tensor:
     """Random augmentation of a uint8 batch, deterministic in `seed`."""
     if kind == "none":
         return images
     g = torch.Generator().manual_seed(seed)
+    if kind == "resized_crop_flip":  # RandomResizedCrop(size) + RandomHorizontalFlip (official Tiny-ImageNet)
+        from torchvision.transforms.v2 import functional as TF
+        n, _, h, w = images.shape
+        out = torch.stack([TF.resized_crop(images[i], *resized_crop_box(h, w, g), size=[h, w], antialias=True)
+                           for i in range(n)])
+        flip = torch.rand(n, generator=g) < 0.5
+        out[flip] = out[flip].flip(-1)
+        return out
     if kind == "crop_flip":  # RandomCrop(size, padding=4) + RandomHorizontalFlip, per sample
         n, _, h, w = images.shape
         padded = torch.nn.functional.pad(images, (4, 4, 4, 4))

@@ -24,7 +24,7 @@ from functools import cached_property
 from bench.blocks import BlockLayout
 from bench.config import ConfigError, DataConfig, EvalConfig, model_config, parse_settings
 from bench.data import imagefolder
-from bench.data.images import ImageSplit, augment, normalise
+from bench.data.images import AUGMENTATIONS, ImageSplit, augment, normalise
 from bench.diffusion import (Partition, c_noise, denoised, sample_chain, scale_input, sigmas_equiprobable,
                              weighted_loss)
 from bench.splits import carve_validation
@@ -32,7 +32,7 @@ from bench.tasks.base import Task
 
 @dataclass
 class ImageDataConfig(imagefolder.FolderFields, DataConfig):   # + path, name, resize (data.dataset: imagefolder)
-    augment: str = "none"              # none | crop_flip | randaugment (crop_flip + RandAugment)
+    augment: str = "none"              # none | crop_flip | randaugment (crop_flip + RandAugment) | resized_crop_flip
     val_fraction: float = 0.1          # validation carved from train (seeded by val_seed, fixed per suite)
     val_seed: int = 0
 
@@ -90,8 +90,8 @@ class ClassificationTask(Task):
     @classmethod
     def validate_config(cls, cfg) -> None:
         imagefolder.validate(cfg.data)
-        if cfg.data.augment not in ("none", "crop_flip", "randaugment"):
-            raise ConfigError(f"unknown data.augment {cfg.data.augment!r}; choose none, crop_flip or randaugment")
+        if cfg.data.augment not in AUGMENTATIONS:
+            raise ConfigError(f"unknown data.augment {cfg.data.augment!r}; choose {', '.join(AUGMENTATIONS)}")
         if cfg.eval.inference not in INFERENCE:
             raise ConfigError(f"unknown eval.inference {cfg.eval.inference!r}; choose {' or '.join(INFERENCE)}")
         if cfg.eval.noise_draws < 1:

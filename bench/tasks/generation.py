@@ -129,6 +129,9 @@ class GenerationTask(Task):
     def validate_config(cls, cfg) -> None:
         e, d = cfg.eval, cfg.data
         imagefolder.validate(d)
+        if d.normalisation != "train":
+            raise ConfigError("data.normalisation is the classification task's (generation scales images to [-1, 1]); "
+                              "leave it at train")
         if cfg.model.get("arch") != "dit":
             raise ConfigError(f"task generation needs model.arch: dit, got {cfg.model.get('arch')!r}")
         if d.dataset not in IMAGE_DATASETS + LATENT_DATASETS:
