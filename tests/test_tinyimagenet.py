@@ -243,3 +243,9 @@ def test_a_tiny_run_with_imagenet_statistics_and_resized_crops(tiny_folder, tmp_
     with pytest.raises(ConfigError, match="imagenet has 3 channels' statistics"):
         make_task(load_config(p, "dblocks", ["data.name=grey", "model.in_channels=1"])).check()
 
+
+def test_the_paper_suite_stops_at_once_without_its_data(capsys):
+    rc = bench_main(["prepare", str(ROOT / "suites/vit_tinyimagenet/params.yaml")])
+    err = capsys.readouterr().err.strip()
+    assert rc == 2 and len(err.splitlines()) == 1
+    assert "data/tiny-imagenet-200" in err and "tiny-imagenet-200/ (wnids.txt" in err and "zh-plus/tiny-imagenet" in err
