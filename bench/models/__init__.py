@@ -11,3 +11,5 @@ from bench.models.recurrent import RecurrentConfig, RecurrentLM  # noqa: E402  (
 ARCHS["recurrent"] = (RecurrentConfig, RecurrentLM)
 from bench.models.rnn_lm import RNNLM, RNNLMConfig  # noqa: E402  (GRU/LSTM LM: the scoring model of another family)
 ARCHS["rnn_lm"] = (RNNLMConfig, RNNLM)
+from bench.models.noprop import NoProp, NoPropConfig  # noqa: E402  (NoProp-DT CNN: the paper's Table 6 comparison)
+ARCHS["noprop"] = (NoPropConfig, NoProp)
