@@ -152,3 +152,8 @@ def test_a_few_steps_through_the_trainer_on_fashion_mnist(tmp_path, fashion_root
         assert summary["optimizer_steps"] == steps and 0.0 <= summary["test_acc"] <= 1.0
         assert (Path(cfg.out_dir) / "final.pt").is_file()
 
+
+def test_the_paper_suite_stops_at_once_without_cifar100(capsys):
+    rc = bench_main(["prepare", str(ROOT / "suites/noprop_cifar100/params.yaml")])
+    err = capsys.readouterr().err.strip()
+    assert rc == 2 and len(err.splitlines()) == 1 and "CIFAR-100 not found" in err and "data/cifar100" in err
