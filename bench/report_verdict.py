@@ -57,7 +57,8 @@ def arm_compute(cfg, steps: int | None = None) -> dict:
 
     replay = steps is None
     if replay:
-        steps = int(pd.read_csv(Path(cfg.out_dir) / "summary.csv").iloc[0]["optimizer_steps"])
+        summary = pd.read_csv(Path(cfg.out_dir) / "summary.csv").iloc[0]
+        steps, run_evals = int(summary["optimizer_steps"]), int(summary["layer_evals"])
     task = make_task(cfg)
     torch.manual_seed(0)
     model = build_model(cfg, task)
@@ -66,8 +67,13 @@ def arm_compute(cfg, steps: int | None = None) -> dict:
     if cfg.is_dblocks and replay:
         sampler = BlockSampler(cfg.diffusion.num_blocks, seeding.stream_seed(cfg.train.seed, "block"))
         counts = np.bincount([sampler.sample() for _ in range(steps)], minlength=cfg.diffusion.num_blocks).tolist()
-    return {"train_flops": run_flops(cfg, per_step, Budget(0, 0, steps, 0), counts),
-            "params": param_counts(model)["total"]}
+    flops = run_flops(cfg, per_step, Budget(0, 0, steps, 0), counts)
+    measured = per_step["layer_evals"][0]
+    if replay and not cfg.is_dblocks and measured * steps != run_evals:
+        # a random unroll (recurrent e2e): one step was measured at one draw of r; scale its forward
+        # FLOPs by the run's own counted layer evaluations (the backward, truncated BPTT, is fixed)
+        flops = steps * per_step["backward"][0] + per_step["forward"][0] * run_evals / measured
+    return {"train_flops": float(flops), "params": param_counts(model)["total"]}
 
 
 def collect_seeds(params_path, proto: Protocol, log=print, arms: list[str] | None = None,
