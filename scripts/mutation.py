@@ -45,7 +45,10 @@ def main() -> None:
     with tempfile.TemporaryDirectory(prefix="bench-mutation-") as tmp:
         work = Path(tmp) / "repo"
         subprocess.run(["git", "clone", "-q", str(ROOT), str(work)], check=True)
-        (work / "data").symlink_to(ROOT / "data")   # the tests' real data (Fashion-MNIST, text)
+        for sub in ("fashion_mnist", "text", "lm"):   # the tests' real data (Fashion-MNIST, text), not in git
+            if (ROOT / "data" / sub).exists() and not (work / "data" / sub).exists():
+                (work / "data").mkdir(exist_ok=True)
+                (work / "data" / sub).symlink_to(ROOT / "data" / sub)
         config = "\n[tool.mutmut]\nsource_paths = [\"bench\"]\n" + \
             f"only_mutate = {list(a.only)!r}\npytest_add_cli_args_test_selection = {list(a.tests)!r}\n"
         with open(work / "pyproject.toml", "a") as f:
