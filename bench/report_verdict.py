@@ -150,12 +150,11 @@ def recurrent_rows(pairs: list[dict], seeds: pd.DataFrame, claimed_saving: float
     FLOPs against the paper's ≈10× (a measurement, no interval: signed saving/10 − 1, matches within
     ±margin); (2) the quality at that saving, the pair's paired difference and verdict (claim (a)'s
     numbers, restated: the claim is "as good at ~10× less compute")."""
-    rows = []
+    rows, layer = [], seeds.groupby("arm")["layer_evals"].mean()
     for p in pairs:
         if p.get("verdict") == "not tested":
             continue
         saving = 1.0 / p["flop_ratio_db_e2e"]
-        layer = seeds.groupby("arm")["layer_evals"].mean()
         layer_saving = float(layer[p["e2e_arm"]] / layer[p["db_arm"]])
         d = saving / claimed_saving - 1
         common = {"claim": "f", "pair": p["pair"], "e2e_arm": p["e2e_arm"], "db_arm": p["db_arm"]}
