@@ -13,6 +13,7 @@
   bench tune    suites/vit_fashion/params.yaml              equal tuning budget per arm, on validation only
   bench train   suites/vit_fashion/params.yaml --arm e2e --seed 3   one seed of the verdict protocol
   bench verdict suites/vit_fashion/params.yaml              paired differences over seeds, intervals, verdicts
+  bench scaling suites/vit_fashion/params.yaml --budgets 0.25,0.5,1,2   the gap vs training budget: results/scaling/
   bench report                                                results/README.md: our numbers beside the paper's
   bench summary suites/vit_fashion/params.yaml              print a suite's verdicts
   bench check [--update]                                      regression check of every suite's CI config
@@ -212,6 +213,13 @@ def cmd_verdict(a) -> None:
     print(f"wrote {write_verdict(a.params)}")
 
 
+def cmd_scaling(a) -> None:
+    from bench.scaling import run_scaling
+    pairs = a.pairs.split(",") if a.pairs else None
+    seeds = _ints(a.seeds) if a.seeds else None
+    print(f"wrote {run_scaling(a.params, _floats(a.budgets), pairs, seeds, a.jobs, train=not a.no_train)}")
+
+
 def cmd_check(a) -> None:
     from bench.check import run_checks, suites_with_checks
     paths = [Path(p) for p in a.params] or suites_with_checks()
@@ -385,6 +393,15 @@ def build_parser() -> argparse.ArgumentParser:
     q = sub.add_parser("verdict", help="paired seed differences, bootstrap intervals and verdicts: results/<suite>/verdict.csv")
     q.add_argument("params", help="a suite's params.yaml with a `protocol:` section")
     q.set_defaults(func=cmd_verdict)
+
+    q = sub.add_parser("scaling", help="DB − E2E against training budget, fitted per arm: results/scaling/")
+    q.add_argument("params", help="a suite's params.yaml with a `protocol:` section")
+    q.add_argument("--budgets", required=True, help="multiples of the suite's budget, e.g. 0.5,1,2,4,8 (1: the protocol's runs)")
+    q.add_argument("--pairs", default=None, help="protocol pairs, e.g. paper,tuned (default: all)")
+    q.add_argument("--seeds", default=None, help="e.g. 0,1,2 (default: protocol.seeds)")
+    q.add_argument("--jobs", type=int, default=1, help="runs side by side (each at the suite's train.threads)")
+    q.add_argument("--no-train", action="store_true", help="only collect finished points and write the results")
+    q.set_defaults(func=cmd_scaling)
 
     q = sub.add_parser("check", help="regression check: small CI configs against results/baselines/")
     q.add_argument("params", nargs="*", help="suites' params.yaml (default: every suite with a `check:` section)")

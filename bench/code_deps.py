@@ -32,6 +32,7 @@ ENTRIES = {
     "evaluate": ["bench.evaluate"],
     "tune": ["bench.tune"],
     "verdict": ["bench.report_verdict"],
+    "scaling": ["bench.scaling"],
     "memory": ["bench.benchmark"],
     "compare": ["bench.report", "bench.report_relabel"],
     "lm-report": ["bench.tasks.lm_report"],
@@ -110,6 +111,7 @@ def write(out_dir: Path = OUT) -> list[Path]:
 COMMAND_OF = [   # a stage command → its fingerprint (without the task)
     (r"\bbench (prepare)\b", "prepare"), (r"\bbench (train)\b", "train"), (r"\bbench (evaluate)\b", "evaluate"),
     (r"\bbench (tune)\b", "tune"), (r"\bbench (verdict)\b", "verdict"), (r"\bbench (memory)\b", "memory"),
+    (r"\bbench (scaling)\b", "scaling"),
     (r"\bbench (compare)\b", "compare"), (r"\bbench (lm-report)\b", "lm-report"),
     (r"\bbench (gen-report)\b", "gen-report"), (r"\bbench (fid-weights|fid-stats)\b", "fid"),
     (r"\bbench (latents)\b", "latents"), (r"\bbench (data)\b", "data"),

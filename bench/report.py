@@ -201,14 +201,18 @@ def _memory_line(suite: str, B: int, table: pd.DataFrame | None = None) -> str:
 
 
 VERDICT_COLUMNS = ["suite", "claim", "statement", "pair", "metric", "seeds", "mean_diff", "ci_low", "ci_high",
-                   "p_db_ge_e2e", "margin", "verdict", "flop_ratio_db_e2e", "param_ratio_db_e2e", "note"]
+                   "p_db_ge_e2e", "margin", "verdict", "flop_ratio_db_e2e", "param_ratio_db_e2e", "note", "scaling"]
 README_MARKERS = ("<!-- verdicts: written by `bench report` from results/verdicts.csv -->", "<!-- /verdicts -->")
 
 
 def collect_verdicts(results: Path = Path("results")) -> pd.DataFrame:
     """Every suite's verdict.csv (from `bench verdict`) in one table: results/verdicts.csv."""
+    from bench.report_scaling import claim_a_note
     frames = [pd.read_csv(p) for p in sorted(results.glob("*/verdict.csv"))]
     table = pd.concat(frames, ignore_index=True) if frames else pd.DataFrame(columns=VERDICT_COLUMNS)
+    # claim (a) rows cite the gap-vs-budget result where `bench scaling` ran that suite and pair
+    table["scaling"] = [claim_a_note(r.suite, r.pair, results / "scaling") if r.claim == "a" else ""
+                        for r in table[["suite", "claim", "pair"]].itertuples()]
     table = table[[c for c in VERDICT_COLUMNS if c in table.columns]]
     atomic.write_csv(results / "verdicts.csv", table)
     return table
@@ -220,7 +224,9 @@ def verdict_markdown(table: pd.DataFrame) -> str:
     if not len(tested):
         return "No suite has run the verdict protocol yet (`bench verdict`).\n"
     show = tested[[c for c in ("suite", "claim", "statement", "pair", "seeds", "mean_diff", "ci_low", "ci_high",
-                               "margin", "verdict") if c in tested]].copy()
+                               "margin", "verdict", "scaling") if c in tested]].copy()
+    if "scaling" in show and not show["scaling"].fillna("").astype(bool).any():
+        show = show.drop(columns="scaling")
     return (_markdown_table(show.fillna("")) + "\nDifferences are signed so that positive means DiffusionBlocks is "
             "better (claims b, c: the paper's choice — equiprobable partition, B = 3 — is better than the alternative), "
             "in the metric's units (accuracy: a fraction, 0.01 = 1 point); interval: 95% bootstrap over paired "
@@ -244,8 +250,12 @@ def update_readme_verdicts(table: pd.DataFrame, readme: Path = Path("README.md")
 def write_results_readme(out: str | Path = "results/README.md", suites_root: str | Path = "suites") -> Path:
     """results/README.md: the verdict table, then one section per suite with our figures beside
     the paper's."""
+    from bench.report_scaling import write_readme as write_scaling_readme
     verdicts = collect_verdicts(Path(out).parent)
     update_readme_verdicts(verdicts)
+    scaling = Path(out).parent / "scaling"
+    if any(scaling.glob("*_fit.json")):
+        write_scaling_readme(scaling)
     lines = ["# Results\n",
              f"Written by `{_command()}` on {dt.date.today().isoformat()} from the files in this directory, "
              f"code {track.git_sha()[:12]}. Every table and plot below was produced by the harness; the paper's "
@@ -271,6 +281,8 @@ def write_results_readme(out: str | Path = "results/README.md", suites_root: str
         if (Path("results") / suite / "verdict.csv").exists():
             lines.append(f"Under the verdict protocol: [{suite}/comparison.md]({suite}/comparison.md) "
                          f"(seeds, intervals, verdicts; tuning: [{suite}/tuning.md]({suite}/tuning.md)).\n")
+            if (scaling / f"{suite}_fit.json").exists():
+                lines.append(f"The gap against training budget: [scaling/README.md](scaling/README.md#{suite}).\n")
             if paper.get("substitute"):
                 lines.append(f"*CPU-scale substitute:* {paper['substitute']}\n")
             for png in sorted((Path("results") / suite).glob("*.png")):
