@@ -99,13 +99,25 @@ def run_points(params_path, spec: dict, jobs: int = 1, log=print) -> None:
             todo.append((arm, seed, budget))
     log(f"{spec['suite']} scaling: {len(todo)} point(s) to run"
         + (f" ({jobs} side by side, {load_config(params_path, todo[0][0]).train.threads or 'all'} thread(s) each)" if todo else ""))
+    failed = []
+
+    def report(point, result) -> None:   # a point that fails (e.g. diverges) is named; the others go on
+        try:
+            log("done: " + result())
+        except Exception as e:   # noqa: BLE001 — any failure of one run; its message is kept
+            failed.append(f"{point[0]} seed {point[1]} ×{point[2]:g}: {e}")
+            log("FAILED: " + failed[-1])
+
     if jobs <= 1:
         for point in todo:
-            log("done: " + _run_point(str(params_path), spec, *point))
-        return
-    with ProcessPoolExecutor(max_workers=jobs, mp_context=get_context("spawn")) as pool:
-        for done in [pool.submit(_run_point, str(params_path), spec, *p) for p in todo]:
-            log("done: " + done.result())
+            report(point, lambda point=point: _run_point(str(params_path), spec, *point))
+    else:
+        with ProcessPoolExecutor(max_workers=jobs, mp_context=get_context("spawn")) as pool:
+            for point, future in [(p, pool.submit(_run_point, str(params_path), spec, *p)) for p in todo]:
+                report(point, future.result)
+    if failed:
+        log(f"{spec['suite']} scaling: {len(failed)} point(s) failed and are left out of the results: "
+            + "; ".join(failed))
 
 
 def collect(params_path, spec: dict, log=print) -> pd.DataFrame:
