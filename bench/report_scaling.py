@@ -43,10 +43,11 @@ def pair_summary(table: pd.DataFrame, spec: dict, pair: str, higher_is_better: b
                            "e2e_test": test["e2e_mean"], "db_test": test["db_mean"],
                            "e2e_test_sd": float(e.loc[shared, "test"].std(ddof=1)) if len(shared) > 1 else 0.0,
                            "gap_test": test["mean_diff"], "gap_ci": [test["ci_low"], test["ci_high"]],
-                           "verdict": test["verdict"], "gap_val": val["mean_diff"]})
+                           "verdict": test["verdict"], "gap_val": val["mean_diff"],
+                           "train_s": float(e["train_time_s"].mean() + d["train_time_s"].mean())})
     summary = {"pair": pair, "arms": list(proto.pairs[pair]), "per_budget": per_budget}
     seeds = sorted(set(rows.loc[rows["role"] == "e2e", "seed"]) & set(rows.loc[rows["role"] == "db", "seed"]))
-    if len(per_budget) >= 2 and seeds:
+    if len(per_budget) >= 3 and seeds:   # a 3-parameter law: 3 budgets at least
         pts = {role: (r["seed"].to_numpy(), r["train_flops"].to_numpy(), to_loss(r["val"], higher_is_better))
                for role, r in ((role, rows[(rows["role"] == role) & rows["seed"].isin(seeds)]) for role in ("e2e", "db"))}
         summary["fit"] = bootstrap_fits(pts, seeds, proto.margin, proto.margin_relative, higher_is_better)
@@ -177,6 +178,13 @@ def suite_section(fit: dict) -> list[str]:
                       crossing_sentence(f, margin_text) + "\n"]
         else:
             lines.append("Too few budgets finished for a fit.\n")
+        top = pb.iloc[-1]
+        if top["budget"] < 8:   # the target: the largest budget ≥ 8× the suite's own
+            hours = 8 / top["budget"] * top["train_s"] * top["seeds"] / 3600
+            lines.append(f"The largest budget run is {top['budget']:g}× the suite's own. 8× would take about "
+                         f"{hours:.0f} core-hours of training here (8/{top['budget']:g} × this pair's measured "
+                         f"{top['train_s'] / 60:.0f} min per seed × {int(top['seeds'])} seeds), so it is left to a GPU "
+                         "(scripts/gpu_scaling.sh).\n")
         if "e2e_still_improving" in s:
             change = scale * s["e2e_last_change"]
             lines.append(f"E2E between the two largest budgets: {change:+.3g}{unit if scale == 100 else ''} "
@@ -189,7 +197,7 @@ def suite_section(fit: dict) -> list[str]:
 def write_readme(out: Path) -> Path:
     fits = [json.loads(p.read_text()) for p in sorted(out.glob("*_fit.json"))]
     lines = ["# How the DB − E2E gap scales with training compute\n",
-             f"Written by `{_command()}` on {dt.date.today().isoformat()} from results/scaling/*_fit.json "
+             f"Written by `{_command()}` on {dt.date.today().isoformat()} from {out.as_posix()}/*_fit.json "
              "(bench/scaling.py, bench/scaling_fit.py, bench/report_scaling.py).\n",
              "**What was run.** Each suite's verdict-protocol pairs at several multiples of the suite's own budget "
              "(epochs and warm-up scaled together; every budget its own run, so the cosine schedule spans it), on "

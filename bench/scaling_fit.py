@@ -40,8 +40,8 @@ def saturating_power_law(C, floor: float, a: float, b: float, C0: float) -> np.n
 def fit_power_law(C, loss, C0: float | None = None, exponents: np.ndarray = EXPONENTS) -> dict:
     """Least-squares ℓ∞, a, b of ℓ(C) = ℓ∞ + a (C/C₀)^(−b) over every (compute, loss) point."""
     C, y = np.asarray(C, dtype=float), np.asarray(loss, dtype=float)
-    if C.size < 3 or np.unique(C.round(-6)).size < 2:
-        raise ValueError(f"a power-law fit needs points at ≥ 2 budgets (3 parameters), got {C.size} points")
+    if np.unique(np.round(np.log(C), 2)).size < 3:   # 3 parameters: fewer budgets leave the law undetermined
+        raise ValueError(f"a power-law fit needs points at ≥ 3 budgets, got {C.size} points")
     C0 = float(C.min()) if C0 is None else C0
     x = (C / C0)[None, :] ** (-exponents[:, None])          # (exponents, points)
     n, sx, sy = y.size, x.sum(1), y.sum()

@@ -23,6 +23,11 @@ def test_fit_recovers_a_known_power_law():
     assert not f["flat"]
 
 
+def test_fit_needs_three_budgets():
+    with pytest.raises(ValueError, match="3 budgets"):
+        fit_power_law([1e9, 1e9, 2e9, 2e9], [0.3, 0.31, 0.2, 0.21])
+
+
 def test_fit_keeps_its_constraints():
     C = np.geomspace(1e9, 1e10, 6)
     rising = fit_power_law(C, 0.1 + 0.01 * np.log(C / 1e9))   # worse with compute: no decay term
@@ -85,6 +90,7 @@ def test_scaling_reuses_budget_one_and_runs_only_new_budgets(tiny_suite, tmp_pat
     assert half["train_flops"] / row["train_flops"] == pytest.approx(half["optimizer_steps"] / row["optimizer_steps"])
     fit = json.loads((tmp_path / "results" / "scaling" / "tiny_fit.json").read_text())
     assert fit["pairs"][0]["pair"] == "paper" and len(fit["pairs"][0]["per_budget"]) == 2
+    assert "fit" not in fit["pairs"][0]   # two budgets do not determine a 3-parameter law
     assert (tmp_path / "results" / "scaling" / "tiny.png").stat().st_size > 0
     assert "## tiny" in (tmp_path / "results" / "scaling" / "README.md").read_text()
 
