@@ -62,6 +62,17 @@ def test_shapes_of_both_uses(size, channels, convs):
     assert ARCHS["noprop"] == (NoPropConfig, NoProp)
 
 
+def test_no_batch_norm_of_the_plain_arm_sees_a_batch_constant_input():
+    """h₀ is one learned vector for every sample: a batch norm over it has zero variance, its running
+    variance decays to 0 and evaluation divides by √eps (the E2E arm then scored 10% on Fashion-MNIST)."""
+    m, seen = model(False).train(), {}
+    for name, mod in m.named_modules():
+        if isinstance(mod, torch.nn.BatchNorm1d):
+            mod.register_forward_pre_hook(lambda mod, args, name=name: seen.__setitem__(name, args[0].var(0).max().item()))
+    m(torch.randn(8, 1, 28, 28))
+    assert seen and min(seen.values()) > 0, {k: v for k, v in seen.items() if v == 0}
+
+
 def test_every_module_starts_as_the_identity_and_the_head_at_zero():
     m = model().train()
     x, z, c = torch.randn(6, 1, 28, 28), torch.randn(6, 16), torch.linspace(-1.5, 1.1, 6)

@@ -11,7 +11,8 @@ label-embedding width) and seeing the image itself:
   layer        h ← h + fused                              (the output FC starts at zero: the identity)
 
   * plain (`conditioned=False`): the backprop arm, the same modules chained and trained end to end
-    from a learned start vector h₀, no time path; logits = classifier(h_L);
+    from a learned start vector h₀, no time path; logits = classifier(h_L).  h₀ is the same for every
+    sample, so the first module's label path has no batch norm (its batch variance would be 0);
   * σ-conditioned (`conditioned=True`): the DiffusionBlocks denoiser, h₀ = c_in·z_σ (the noisy label
     embedding), each module conditioned on σ through its time path; F = h after the block's layers.
 
@@ -88,7 +89,7 @@ def time_features(c_noise: torch.Tensor, dim: int) -> torch.Tensor:
 class Module(nn.Module):
     """One NoProp denoising module as a residual layer: h → h + u(x, h[, t])."""
 
-    def __init__(self, cfg: NoPropConfig, conditioned: bool):
+    def __init__(self, cfg: NoPropConfig, conditioned: bool, label_norm: str | None = None):
         super().__init__()
         convs, c = [], cfg.in_channels
         for out in cfg.conv_channels:
@@ -96,10 +97,9 @@ class Module(nn.Module):
             c = out
         self.image = nn.Sequential(*convs, nn.Flatten(), nn.Linear(c * cfg.feature_side ** 2, cfg.image_dim),
                                    _norm(cfg.norm, cfg.image_dim))
-        L = cfg.label_dim
-        self.label_in = nn.Sequential(nn.Linear(cfg.hidden, L), _norm(cfg.norm, L), nn.ReLU())
-        self.label_skip = nn.Sequential(nn.Linear(L, L), _norm(cfg.norm, L), nn.ReLU(), nn.Linear(L, L),
-                                        _norm(cfg.norm, L))
+        L, ln = cfg.label_dim, label_norm or cfg.norm
+        self.label_in = nn.Sequential(nn.Linear(cfg.hidden, L), _norm(ln, L), nn.ReLU())
+        self.label_skip = nn.Sequential(nn.Linear(L, L), _norm(ln, L), nn.ReLU(), nn.Linear(L, L), _norm(ln, L))
         self.time = nn.Sequential(nn.Linear(cfg.time_freq_dim, cfg.time_dim), nn.ReLU()) if conditioned else None
         fuse, width = [], cfg.image_dim + L + (cfg.time_dim if conditioned else 0)
         for d in cfg.fuse_dims:
@@ -129,7 +129,11 @@ class NoProp(nn.Module):
             self.start = nn.Parameter(torch.zeros(1, cfg.hidden))
             nn.init.trunc_normal_(self.start, std=0.02)
         # residual layers: the only part split into blocks
-        self.layers = nn.ModuleList(Module(cfg, conditioned) for _ in range(cfg.depth))
+        # the plain arm's first module reads the same h₀ for every sample: a batch norm of a batch-constant
+        # vector has zero variance, so its running variance decays to 0 and evaluation divides by √eps
+        # (every prediction wrong). Its label path is left unnormalised (a constant needs none).
+        first_norm = "none" if not conditioned and cfg.norm == "batch" else None
+        self.layers = nn.ModuleList(Module(cfg, conditioned, first_norm if i == 0 else None) for i in range(cfg.depth))
         # head: shared by every block (NoProp's output classifier)
         self.classifier = nn.Linear(cfg.hidden, cfg.num_classes)
         if conditioned and cfg.zero_init:
