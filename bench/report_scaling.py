@@ -218,7 +218,8 @@ def write_readme(out: Path) -> Path:
 
 
 def claim_a_note(suite: str, pair: str, out: Path = Path("results/scaling")) -> str:
-    """One line for the verdict table's claim (a) row of a suite and pair that has a scaling result."""
+    """One line for the verdict table's claim (a) row of a suite and pair that has a scaling result:
+    the test gap at each budget and what the fitted gap does."""
     path = out / f"{suite}_fit.json"
     if not path.exists():
         return ""
@@ -226,5 +227,11 @@ def claim_a_note(suite: str, pair: str, out: Path = Path("results/scaling")) -> 
     s = next((p for p in fit["pairs"] if p["pair"] == pair), None)
     if s is None or not s["per_budget"]:
         return ""
-    verdicts = ", ".join(f"{b['budget']:g}×: {b['verdict']}" for b in s["per_budget"])
-    return f"scaling (results/scaling/README.md): {verdicts}"
+    scale = 100 if fit["metric"].endswith("acc") else 1
+    gaps = ", ".join(f"{b['budget']:g}× {scale * b['gap_test']:+.3g} ({b['verdict']})" for b in s["per_budget"])
+    trend = ""
+    if "fit" in s:
+        c = s["fit"].get("crossing")
+        trend = ("; fitted gap never inside the margin up to 4× the largest budget" if c is None else
+                 f"; fitted gap inside the margin from {c:.2e} FLOPs ({c / s['fit']['C_max']:.1f}× the largest budget)")
+    return f"gap vs budget (results/scaling/README.md): {gaps}{trend}"
