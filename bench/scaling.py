@@ -152,7 +152,7 @@ def run_scaling(params_path, budgets, pairs=None, seeds=None, jobs: int = 1, tra
         run_points(params_path, spec, jobs, log)
     table = collect(params_path, spec, log)
     if not len(table):
-        raise FileNotFoundError(f"{spec['suite']}: no scaling point has finished; run `bench scaling {params_path}`")
+        raise FileNotFoundError(f"{spec['suite']}: no scaling point has finished; run `bench scaling {params_path} --budgets …` without --no-train")
     cfg = load_config(params_path, spec["protocol"].arms[0])
     out = write_suite(table, spec, task_class(cfg.task).higher_is_better, spec["results_dir"])
     write_readme(spec["results_dir"])
