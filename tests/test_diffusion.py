@@ -145,3 +145,28 @@ def test_equiprobable_grid_with_a_lower_start():
     assert [p.block_of(x) for x in s.tolist()] == [0, 1, 2]
     with pytest.raises(ValueError, match="sampling start"):
         sigmas_equiprobable(NOISE, 3, sigma_start=100.0)
+
+
+@pytest.mark.parametrize("n, rho", [(5, 7.0), (9, 3.0)])
+def test_karras_grid_is_eq5_of_karras_et_al(n, rho):
+    """Every point, not just the ends: (σ_max^{1/ρ} + i/(N−1)(σ_min^{1/ρ} − σ_max^{1/ρ}))^ρ,
+    written out here with math.pow (mutation testing found only the end points checked)."""
+    a, b = math.pow(80.0, 1 / rho), math.pow(0.002, 1 / rho)
+    expected = [math.pow(a + i / (n - 1) * (b - a), rho) for i in range(n)]
+    assert sigmas_karras(NOISE, n, rho).tolist() == pytest.approx(expected, rel=1e-12)
+    assert sigmas_karras(NOISE, 1).tolist() == [80.0]   # one point: a single call from pure noise
+    with pytest.raises(ValueError, match="num_points must be >= 1"):
+        sigmas_karras(NOISE, 0)
+
+
+@pytest.mark.parametrize("start", [None, 10.0])
+def test_equiprobable_grid_cuts_equal_noise_mass(start):
+    """Consecutive points of the equiprobable grid enclose equal probability under p_noise
+    (truncated below σ_start), from σ_start down to σ_min."""
+    s = sigmas_equiprobable(NOISE, 6, sigma_start=start).tolist()
+    masses = [NOISE.mass(lo, hi) for hi, lo in zip(s, s[1:])]
+    assert masses == pytest.approx([NOISE.mass(0.002, s[0]) / 5] * 5, rel=1e-9)
+    assert s[0] == (start or 80.0) and s[-1] == pytest.approx(0.002, rel=1e-12)
+    assert sigmas_equiprobable(NOISE, 1, sigma_start=start).tolist() == [start or 80.0]
+    with pytest.raises(ValueError, match="num_points must be >= 1"):
+        sigmas_equiprobable(NOISE, 0)
