@@ -61,7 +61,7 @@ def test_one_parent_per_suite_run_one_child_per_arm(tmp_path, fashion_root, mlfl
     from mlflow import MlflowClient
     monkeypatch.setenv("BENCH_MLFLOW", "1")
     monkeypatch.setenv("MLFLOW_TRACKING_URI", mlflow_server)
-    monkeypatch.setenv("MLFLOW_SYSTEM_METRICS_SAMPLING_INTERVAL", "0.5")
+    monkeypatch.setenv("MLFLOW_SYSTEM_METRICS_SAMPLING_INTERVAL", "0.05")   # runs last ~1 s; a sample is logged only after a full interval
     p = tmp_path / "params.yaml"
     p.write_text(PARAMS.format(runs=tmp_path / "runs", results=tmp_path / "results", root=fashion_root))
     assert main(["prepare", str(p)]) == 0
