@@ -241,9 +241,9 @@ def test_held_back_corpora_from_their_packages(text_root, name, docs, chars):
     assert "/" not in got[0][1][:300] or name == "austen"        # POS tags are gone
 
 
-def test_only_seed_zero_of_a_protocol_suite_publishes_samples(tmp_path):
-    """Every seed keeps its samples in its run; results/<suite>/samples_<arm>.md comes from an
-    unseeded run or seed 0, not from whichever seed finished last."""
+def test_only_the_suites_own_run_publishes_samples(tmp_path):
+    """Every run keeps its samples; results/<suite>/samples_<arm>.md comes from the arm's unseeded
+    run or seed 0, not from whichever seed finished last, a --set smoke run or a scaling point."""
     from types import SimpleNamespace
 
     from bench.tasks.text_base import TextTask
@@ -259,3 +259,6 @@ def test_only_seed_zero_of_a_protocol_suite_publishes_samples(tmp_path):
     assert publish(tmp_path / "runs/s/a/seed3", 3) == tmp_path / "runs/s/a/seed3/samples.md"
     assert published.read_text() == "seed 0" and (tmp_path / "runs/s/a/seed3/samples.md").read_text() == "seed 3"
     assert publish(tmp_path / "runs/s/a", 7) == published and published.read_text() == "seed 7"   # unseeded run
+    for other in ("runs/s/scaling/x0.25/a/seed0", "runs/s/a/set-1a2b3c4d", "runs/s/a/seed0/set-1a2b3c4d"):
+        assert publish(tmp_path / other, 0) == tmp_path / other / "samples.md"
+    assert published.read_text() == "seed 7"

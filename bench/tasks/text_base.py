@@ -68,11 +68,16 @@ class TextTask(Task):
 
     def publish_samples(self, text: str) -> Path:
         """A final evaluation's samples: the run's samples.md, and the published
-        <eval.samples_dir>/<suite>/samples_<arm>.md for an unseeded run and for seed 0 of a protocol
-        suite (one file per arm, not whichever seed finished last).  Returns the file to show."""
+        <eval.samples_dir>/<suite>/samples_<arm>.md only from the suite's own run of the arm
+        (<runs>/<suite>/<arm>, or its seed0): not from another seed, a --set smoke run or a scaling
+        point, whose samples stay in their run.  Returns the file to show."""
         run_file = atomic.write_text(Path(self.cfg.out_dir) / "samples.md", text)
-        seed = self.cfg.train.seed
-        if Path(self.cfg.out_dir).name == f"seed{seed}" and seed != 0:
+        own = Path(self.cfg.out_dir)
+        if own.name.startswith("seed"):
+            if own.name != "seed0":
+                return run_file
+            own = own.parent
+        if own.name != self.cfg.arm or own.parent.name != self.cfg.suite:
             return run_file
         return atomic.write_text(Path(self.cfg.eval.samples_dir) / self.cfg.suite / f"samples_{self.cfg.arm}.md", text)
 
