@@ -279,14 +279,19 @@ def write_results_readme(out: str | Path = "results/README.md", suites_root: str
         comparison = Path("results") / suite / "comparison.csv"
         lines.append(f"## {suite}\n")
         if (Path("results") / suite / "verdict.csv").exists():
+            tuning = (f"; tuning: [{suite}/tuning.md]({suite}/tuning.md)" if (Path("results") / suite / "tuning.md").exists()
+                      else "; no tuned pair")
             lines.append(f"Under the verdict protocol: [{suite}/comparison.md]({suite}/comparison.md) "
-                         f"(seeds, intervals, verdicts; tuning: [{suite}/tuning.md]({suite}/tuning.md)).\n")
+                         f"(seeds, intervals, verdicts{tuning}).\n")
+            if (Path("results") / suite / "generation.md").exists():
+                lines.append(f"Samples, FID per σ grid and sampling cost (seed 0): [{suite}/generation.md]({suite}/generation.md).\n")
             if (scaling / f"{suite}_fit.json").exists():
                 lines.append(f"The gap against training budget: [scaling/README.md](scaling/README.md#{suite}).\n")
             if paper.get("substitute"):
                 lines.append(f"*CPU-scale substitute:* {paper['substitute']}\n")
             for png in sorted((Path("results") / suite).glob("*.png")):
                 lines.append(f"![{suite} {png.stem}]({suite}/{png.name})\n")
+            lines += _extra_reports(suite, suite_dirs, "pre-protocol, one run per arm")
             continue
         if paper.get("substitute"):
             lines.append(f"*CPU-scale substitute:* {paper['substitute']}\n")
@@ -321,11 +326,15 @@ def write_results_readme(out: str | Path = "results/README.md", suites_root: str
         for png in sorted((Path("results") / suite).glob("*.png")):
             lines.append(f"![{suite} {png.stem}]({suite}/{png.name})\n")
         lines.append(f"Full table: [{suite}/comparison.md]({suite}/comparison.md)\n")
-        for extra in sorted(Path("results").glob(f"{suite}_*/*.md")):   # e.g. dit_fashion_ablations/ablations.md
-            if extra.parent.name in suite_dirs:
-                continue
-            lines.append(f"Also: [{extra.parent.name}/{extra.name}]({extra.parent.name}/{extra.name})\n")
+        lines += _extra_reports(suite, suite_dirs)
     return atomic.write_text(out, "\n".join(lines))
+
+
+def _extra_reports(suite: str, suite_dirs: set[str], note: str = "") -> list[str]:
+    """Links to results/<suite>_*/ reports that are not suites of their own (dit_fashion_ablations)."""
+    also = f"Also ({note})" if note else "Also"
+    return [f"{also}: [{p.parent.name}/{p.name}]({p.parent.name}/{p.name})\n"
+            for p in sorted(Path("results").glob(f"{suite}_*/*.md")) if p.parent.name not in suite_dirs]
 
 
 def suite_summary(params_path) -> str:

@@ -60,10 +60,10 @@ def _save(fig, path: Path) -> Path:
 
 
 # ---- sampling cost ----------------------------------------------------------------------------
-def load_arm(params_path, arm: str, device="cpu"):
+def load_arm(params_path, arm: str, device="cpu", seed: int | None = None):
     from bench.tasks import make_task
     from bench.train import build_model
-    cfg = load_config(params_path, arm)
+    cfg = load_config(params_path, arm, seed=seed)
     task = make_task(cfg)
     model = build_model(cfg, task).to(device)
     model.load_state_dict(torch.load(Path(cfg.out_dir) / "final.pt", map_location=device, weights_only=False)["model"])
@@ -71,10 +71,11 @@ def load_arm(params_path, arm: str, device="cpu"):
 
 
 @torch.no_grad()
-def sampling_cost(params_path, arms: list[str], batch: int = 50, rounds: int = 3, device="cpu") -> pd.DataFrame:
+def sampling_cost(params_path, arms: list[str], batch: int = 50, rounds: int = 3, device="cpu",
+                  seed: int | None = None) -> pd.DataFrame:
     """Median seconds per network call and per image for each arm, the arms timed in turn in
     `rounds` rounds so that a change of machine load affects all of them alike."""
-    loaded = {arm: load_arm(params_path, arm, device) for arm in arms}
+    loaded = {arm: load_arm(params_path, arm, device, seed) for arm in arms}
     per_call = {arm: [] for arm in arms}
     for _ in range(rounds):
         for arm, (cfg, task, model) in loaded.items():
@@ -125,12 +126,22 @@ def grid_choice(evals: dict[str, tuple[str, dict]]) -> pd.DataFrame:
     return table
 
 
+def shown_runs(params_path) -> tuple[list[str], int | None]:
+    """The arms and seed the report shows: a protocol suite's arms at its first seed (the other
+    seeds are in `bench verdict`'s tables), otherwise every arm's unseeded run."""
+    if "protocol" not in read_params(params_path):
+        return arm_names(params_path), None
+    from bench.protocol import load_protocol
+    proto = load_protocol(params_path)
+    return proto.arms, proto.seeds[0]
+
+
 def report_main(params_path, log=print) -> Path:
     suite, out = _suite(params_path)
-    arms = arm_names(params_path)
+    arms, seed = shown_runs(params_path)
     rows, grids, evals = [], [], {}
     for arm in arms:
-        cfg = load_config(params_path, arm)
+        cfg = load_config(params_path, arm, seed=seed)
         run = Path(cfg.out_dir)
         ev = json.loads((run / "eval.json").read_text())
         evals[arm] = (cfg.eval.grid_dblocks if cfg.is_dblocks else cfg.eval.grid_e2e, ev)
@@ -153,7 +164,7 @@ def report_main(params_path, log=print) -> Path:
     by_grid = grid_choice(evals)
     atomic.write_csv(out / "fid_by_grid.csv", by_grid)
     log("timing the samplers (interleaved) …")
-    cost = sampling_cost(params_path, arms)
+    cost = sampling_cost(params_path, arms, seed=seed)
     e2e = cost[cost["mode"].str.startswith("e2e")]
     if len(e2e):
         cost["time_ratio_e2e_over_arm"] = e2e.iloc[0]["ms_per_image"] / cost["ms_per_image"]
@@ -162,6 +173,9 @@ def report_main(params_path, log=print) -> Path:
 
     md = _header(f"{suite}: image generation, end-to-end DiT vs DiffusionBlocks", table["device"].iloc[0],
                  table["git_sha"].iloc[0])
+    if seed is not None:
+        md.append(f"**Seed {seed} only** (runs/{suite}/<arm>/seed{seed}): its samples, σ grids and sampling cost. "
+                  "The verdict over every seed, with intervals, is in [comparison.md](comparison.md).\n")
     md.append(f"## FID and KID (final weights, matched training compute; {fidlib.RESIZE})\n")
     md.append(_markdown_table(_fid_labelled(table.drop(columns=["device", "git_sha"]))))
     md.append(f"\nFID@N: N = `fid_n` generated images (classes balanced), minimum over `fid_repeats` sample sets, "

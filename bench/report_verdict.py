@@ -233,6 +233,29 @@ def memory_rows(suite: str, B: int, margin: float = 0.1) -> list[dict]:
     return rows
 
 
+def sampling_rows(out: Path, proto: Protocol, B: int, margin: float = 0.1) -> list[dict]:
+    """Claim (e), from `bench gen-report`'s sampling_cost.csv (both arms of a pair timed in
+    alternation, same steps and batch, seed 0's weights): E2E / DB time per image against B.
+    One timing, no interval; the layer-evaluation ratio beside it is counted, not timed."""
+    path = out / "sampling_cost.csv"
+    if not path.exists():
+        return []
+    cost = pd.read_csv(path).set_index("arm")
+    rows = []
+    for name, (e2e, db) in proto.pairs.items():
+        if e2e not in cost.index or db not in cost.index:
+            continue
+        ratio = float(cost.at[e2e, "ms_per_image"] / cost.at[db, "ms_per_image"])
+        layers = float(cost.at[e2e, "layer_evals_per_image"] / cost.at[db, "layer_evals_per_image"])
+        d = ratio / B - 1
+        rows.append({"claim": "e", "statement": CLAIMS["e"], "pair": name, "e2e_arm": e2e, "db_arm": db,
+                     "metric": "sampling time ratio / B", "seeds": 1, "mean_diff": d, "ci_low": d, "ci_high": d,
+                     "margin": margin, "verdict": "matches" if abs(d) < margin else "better" if d > 0 else "worse",
+                     "note": f"E2E / DB time per image = {ratio:.2f} at B = {B}, {int(cost.at[db, 'steps'])} steps each "
+                             f"(timed in alternation, one measurement); layer evaluations per image {layers:.2f}× (counted)"})
+    return rows
+
+
 def untested_rows(present: set[str], task: str) -> list[dict]:
     # (e) is a block-wise sampling saving: a recurrent DB model is one block (B = 1) over the whole range
     applies = {"e": task in ("generation", "autoregressive"), "f": task == "recurrent"}
@@ -301,6 +324,9 @@ def write_verdict(params_path) -> Path:
     first = load_config(params_path, proto.arms[0], seed=proto.seeds[0])
     task_cls = task_class(first.task)
     seeds = collect_seeds(params_path, proto)
+    if seeds.empty:   # nothing to judge: say so before any result file is written
+        raise ConfigError(f"bench verdict {params_path}: no arm of protocol.pairs has an evaluated seed yet "
+                          f"(bench train … --seed N, then bench evaluate … --seed N)")
     atomic.write_csv(out / "seeds.csv", seeds)
     B = int((raw.get("diffusion") or {}).get("num_blocks", 3))
     rows = pair_rows(seeds, proto, task_cls.higher_is_better)
@@ -308,6 +334,8 @@ def write_verdict(params_path) -> Path:
         rows += recurrent_rows(rows, seeds)
     rows += claim_rows(params_path, proto, task_cls.higher_is_better)
     rows += memory_rows(proto.suite, B)
+    if first.task == "generation":
+        rows += sampling_rows(out, proto, B)
     rows += untested_rows({r["claim"] for r in rows}, first.task)
     verdicts = pd.DataFrame(rows)
     verdicts.insert(0, "suite", proto.suite)
@@ -346,8 +374,9 @@ def write_verdict(params_path) -> Path:
           f"Protocol (params.yaml `protocol:`, fixed before the runs): seeds {proto.seeds}; pairs "
           + "; ".join(f"`{n}` = {e} vs {d}" for n, (e, d) in proto.pairs.items())
           + f"; margin ±{scale * proto.margin:g}{unit}{' (relative to E2E)' if proto.margin_relative else ''}. "
-          "Tuned arms: see [tuning.md](tuning.md) (the same number of validation-only trials for every arm). "
-          "Test was read only by each run's final evaluation and its learning curve.\n",
+          + ("Tuned arms: see [tuning.md](tuning.md) (the same number of validation-only trials for every arm). "
+             if proto.tune else "No tuned pair: every arm runs its params as written (no tuning for any arm). ")
+          + "Test was read only by each run's final evaluation and its learning curve.\n",
           f"## Arms (mean ± sd over seeds; {task_cls.metric}{unit if scale == 100 else ''})\n",
           _markdown_table(per_arm),
           "\n`train_flops`: FlopCounterMode on one step of each block × the steps that trained it; `params`: the "

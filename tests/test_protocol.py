@@ -205,3 +205,29 @@ def test_recurrent_claim_rows_measure_the_saving_against_ten():
     pair["flop_ratio_db_e2e"] = 0.1   # a 10× saving matches the claim
     assert recurrent_rows([pair], seeds)[0]["verdict"] == "matches"
     assert recurrent_rows([{**pair, "verdict": "not tested"}], seeds) == []
+
+
+def test_verdict_before_any_seed_is_one_line_and_writes_nothing(tmp_path, fashion_root):
+    from bench.report_verdict import write_verdict
+    p = tmp_path / "params.yaml"
+    p.write_text(TUNE_PARAMS.format(runs=tmp_path / "runs", results=tmp_path / "results", root=fashion_root))
+    with pytest.raises(ConfigError, match="no arm of protocol.pairs has an evaluated seed"):
+        write_verdict(p)
+    assert not (tmp_path / "results").exists()
+
+
+def test_sampling_claim_row_judges_the_timed_ratio_against_B(tmp_path):
+    """Claim (e): E2E / DB time per image over B, one timed measurement; the counted layer ratio
+    is only a note.  2.2× at B = 3 is worse than ~3×; 2.9× matches within 10%."""
+    import pandas as pd
+
+    from bench.protocol import Protocol
+    from bench.report_verdict import sampling_rows
+    proto = Protocol(suite="s", seeds=[0], pairs={"paper": ("e2e", "dblocks")}, margin=0.1, margin_relative=True, tune=None)
+    assert sampling_rows(tmp_path, proto, B=3) == []            # no timing: no row (the claim stays untested)
+    for db_ms, verdict in ((10 / 2.2, "worse"), (10 / 2.9, "matches"), (10 / 3.5, "better")):
+        pd.DataFrame([{"arm": "e2e", "steps": 25, "ms_per_image": 10.0, "layer_evals_per_image": 300},
+                      {"arm": "dblocks", "steps": 25, "ms_per_image": db_ms, "layer_evals_per_image": 100}]
+                     ).to_csv(tmp_path / "sampling_cost.csv", index=False)
+        (row,) = sampling_rows(tmp_path, proto, B=3)
+        assert row["claim"] == "e" and row["verdict"] == verdict and "3.00×" in row["note"]
