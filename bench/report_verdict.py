@@ -261,7 +261,7 @@ def untested_rows(present: set[str], task: str) -> list[dict]:
     applies = {"e": task in ("generation", "autoregressive"), "f": task == "recurrent"}
     return [{"claim": c, "statement": s, "verdict": "not tested",
              "note": "not run under the protocol in this suite" if applies.get(c, True) else
-             f"does not apply to a {task} suite"} for c, s in CLAIMS.items() if c not in present]
+             f"does not apply to {'an' if task[0] in 'aeiou' else 'a'} {task} suite"} for c, s in CLAIMS.items() if c not in present]
 
 
 def _curve(params_path, proto: Protocol, metric: str, higher_is_better: bool, out: Path, title: str) -> Path:
