@@ -34,10 +34,17 @@ PACKAGE_ROOT = Path(__file__).resolve().parent.parent   # the checkout whose cod
 
 
 def git_sha() -> str:
-    """The commit of the code actually imported (this package's own checkout, whatever the
-    working directory), with `-dirty-<hash of the diff>` when its tracked source files have
-    uncommitted changes (not the lock files, results and README tables a run itself rewrites);
-    'unknown' when the package is not in a git checkout (e.g. a wheel install)."""
+    """The commit of the code actually imported: read once, when this module was imported, so a
+    long-lived process (a `bench scaling` worker, a sweep) keeps naming the code it runs after a
+    later commit.  See _checkout_sha."""
+    return IMPORTED_SHA
+
+
+def _checkout_sha() -> str:
+    """This package's own checkout (whatever the working directory), with `-dirty-<hash of the
+    diff>` when its tracked source files have uncommitted changes (not the lock files, results and
+    README tables a run itself rewrites); 'unknown' when the package is not in a git checkout
+    (e.g. a wheel install)."""
     def git(*args) -> str:
         return subprocess.run(["git", "-C", str(PACKAGE_ROOT), *args], capture_output=True, text=True,
                               check=True).stdout
@@ -49,6 +56,9 @@ def git_sha() -> str:
         return sha
     except (OSError, subprocess.CalledProcessError):
         return "unknown"
+
+
+IMPORTED_SHA = _checkout_sha()
 
 
 def device_name(device: torch.device) -> str:

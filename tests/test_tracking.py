@@ -119,3 +119,22 @@ def test_the_recorded_sha_is_that_of_the_imported_code_from_any_directory(tmp_pa
     out = subprocess.run([sys.executable, "-c", "from bench.track import git_sha; print(git_sha())"], cwd=tmp_path,
                          capture_output=True, text=True, check=True).stdout.strip()
     assert out.split("-dirty")[0] == head
+
+
+def test_the_recorded_sha_is_read_when_the_code_is_imported(tmp_path):
+    """A process that outlives a commit (a scaling worker) keeps recording the commit it imported."""
+    import shutil
+    from pathlib import Path
+    root = Path(__file__).resolve().parents[1]
+    repo = tmp_path / "repo"
+    shutil.copytree(root / "bench", repo / "bench", ignore=shutil.ignore_patterns("__pycache__"))
+    git = ["git", "-C", str(repo), "-c", "user.email=a@b", "-c", "user.name=a"]
+    subprocess.run(["git", "init", "-q", str(repo)], check=True)
+    subprocess.run([*git, "add", "bench"], check=True)
+    subprocess.run([*git, "commit", "-q", "-m", "first"], check=True)
+    first = subprocess.run([*git, "rev-parse", "HEAD"], capture_output=True, text=True).stdout.strip()
+    script = ("import subprocess, sys; from bench.track import git_sha; before = git_sha(); "
+              f"subprocess.run({[*git, 'commit', '-q', '--allow-empty', '-m', 'second']!r}, check=True); "
+              "print(before, git_sha())")
+    out = subprocess.run([sys.executable, "-c", script], cwd=repo, capture_output=True, text=True, check=True).stdout.split()
+    assert out == [first, first]
