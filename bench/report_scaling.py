@@ -145,8 +145,10 @@ def crossing_sentence(fit: dict, margin_text: str) -> str:
 def suite_section(fit: dict) -> list[str]:
     metric, hib = fit["metric"], fit["higher_is_better"]
     scale = 100 if metric.endswith("acc") else 1
-    unit = " points" if scale == 100 else ("% of E2E" if fit["margin_relative"] else "")
-    margin_text = f"±{scale * fit['margin']:g}{unit} (the verdict margin)"
+    if fit["margin_relative"]:   # a fraction of the E2E figure (BPC, FID): 0.03 is 3 %
+        margin_text = f"±{100 * fit['margin']:g}% of E2E (the verdict margin)"
+    else:
+        margin_text = f"±{scale * fit['margin']:g}{' points' if scale == 100 else ''} (the verdict margin)"
     val_metric = metric_on(metric, "val")
     loss_name = f"1 − {val_metric}" if hib else val_metric
     lines = [f"## {fit['suite']}\n",
@@ -187,7 +189,7 @@ def suite_section(fit: dict) -> list[str]:
                          "(scripts/gpu_scaling.sh).\n")
         if "e2e_still_improving" in s:
             change = scale * s["e2e_last_change"]
-            lines.append(f"E2E between the two largest budgets: {change:+.3g}{unit if scale == 100 else ''} "
+            lines.append(f"E2E between the two largest budgets: {change:+.3g}{' points' if scale == 100 else ''} "
                          + ("— more than its seed sd, so **E2E is still improving**: the largest budget is not yet "
                             "where the arms settle.\n" if s["e2e_still_improving"] else
                             "— within its seed sd: E2E has flattened at this scale.\n"))

@@ -99,3 +99,16 @@ def test_scaling_reuses_budget_one_and_runs_only_new_budgets(tiny_suite, tmp_pat
     assert any("4 point(s) to run" in line for line in logs)   # only budget 0.25
     fit = json.loads((tmp_path / "results" / "scaling" / "tiny_fit.json").read_text())
     assert "fit" in fit["pairs"][0] and fit["pairs"][0]["fit"]["e2e"]["points"] == 6
+
+
+def test_the_margin_is_written_in_the_metrics_units():
+    """A relative margin (BPC, FID) reads as a percentage of E2E; an accuracy margin as points."""
+    import json
+    from pathlib import Path
+
+    from bench.report_scaling import suite_section
+    root = Path(__file__).resolve().parents[1] / "results" / "scaling"
+    bpc = "\n".join(suite_section(json.loads((root / "mdm_shakespeare_fit.json").read_text())))
+    acc = "\n".join(suite_section(json.loads((root / "vit_fashion_fit.json").read_text())))
+    assert "±3% of E2E" in bpc and "±0.03" not in bpc
+    assert "±1 points" in acc
