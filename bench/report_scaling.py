@@ -89,18 +89,24 @@ def _plot(table: pd.DataFrame, summaries: list[dict], spec: dict, metric: str, h
         pb = pd.DataFrame(s["per_budget"])
         C = np.sqrt(pb["e2e_flops"] * pb["db_flops"])
         ci = np.array(pb["gap_ci"].tolist())
-        right.errorbar(C, scale * pb["gap_test"], yerr=scale * np.abs(ci.T - pb["gap_test"].to_numpy()), fmt="o",
-                       color="k", capsize=3, label="test gap at equal budget multiple (95% bootstrap)")
+        relative = spec["protocol"].margin_relative   # gaps and margin as fractions of E2E: shown in %
+        gap_scale = 100 if relative else scale
+        right.errorbar(C, gap_scale * pb["gap_test"], yerr=gap_scale * np.abs(ci.T - pb["gap_test"].to_numpy()),
+                       fmt="o", color="k", capsize=3, label="test gap at equal budget multiple (95% bootstrap)")
         if "fit" in s:
             grid = np.geomspace(s["fit"]["C_min"], s["fit"]["C_max"], 100)
-            right.plot(grid, scale * fitted_gap(s["fit"]["e2e"], s["fit"]["db"], grid), "--", color="C2",
-                       label="fitted gap at equal FLOPs (validation)")
-        m = spec["protocol"].margin * (1 if not spec["protocol"].margin_relative else float(np.mean(pb["e2e_test"])))
-        right.axhspan(-scale * m, scale * m, color="C2", alpha=0.12, label="verdict margin")
+            gap = fitted_gap(s["fit"]["e2e"], s["fit"]["db"], grid)
+            if relative:
+                e = s["fit"]["e2e"]
+                gap = gap / np.abs(from_loss(saturating_power_law(grid, e["floor"], e["a"], e["b"], e["C0"]), higher_is_better))
+            right.plot(grid, gap_scale * gap, "--", color="C2", label="fitted gap at equal FLOPs (validation)")
+        m = spec["protocol"].margin
+        right.axhspan(-gap_scale * m, gap_scale * m, color="C2", alpha=0.12, label="verdict margin")
         right.axhline(0, color="grey", lw=0.8)
         right.set_xscale("log")
         right.set_xlabel("training FLOPs (geometric mean of the two arms)")
-        right.set_ylabel(f"DB − E2E{' (points)' if scale == 100 else ''} — positive: DB better")
+        unit = " (% of E2E)" if relative else " (points)" if scale == 100 else ""
+        right.set_ylabel(f"DB − E2E{unit} — positive: DB better")
         right.grid(alpha=0.3, which="both")
         right.legend(fontsize=7)
     fig.tight_layout()
