@@ -209,6 +209,10 @@ def cmd_tune(a) -> None:
 
 
 def cmd_verdict(a) -> None:
+    if a.measured_only:
+        from bench.verdict_measured import rejudge_measured
+        print(f"wrote {rejudge_measured(a.params)}")
+        return
     from bench.report_verdict import write_verdict
     print(f"wrote {write_verdict(a.params)}")
 
@@ -392,6 +396,9 @@ def build_parser() -> argparse.ArgumentParser:
 
     q = sub.add_parser("verdict", help="paired seed differences, bootstrap intervals and verdicts: results/<suite>/verdict.csv")
     q.add_argument("params", help="a suite's params.yaml with a `protocol:` section")
+    q.add_argument("--measured-only", action="store_true",
+                   help="re-judge only the measured claims (d: results/memory, e: sampling_cost.csv) into the existing "
+                        "verdict.csv and comparison.md; needs no runs")
     q.set_defaults(func=cmd_verdict)
 
     q = sub.add_parser("scaling", help="DB − E2E against training budget, fitted per arm: results/scaling/")

@@ -29,6 +29,15 @@ from pathlib import Path
 from bench.config import ConfigError, read_params
 
 KNOWN = {"seeds", "pairs", "margin", "margin_relative", "tune", "claims", "claim_seeds", "ablations", "ablation_seeds"}
+# the paper's claims, one verdict row (or more) each per suite
+CLAIMS = {
+    "a": "DB ≈ E2E at matched compute",
+    "b": "equiprobable beats uniform / log-uniform partitioning",
+    "c": "B = 2–4 beats B = 1 and B = 6",
+    "d": "training memory falls ~B×",
+    "e": "DB sampling is ~B× cheaper",
+    "f": "recurrent DB needs ~10× less training compute",
+}
 DESIGN_CLAIMS = ("b", "c")   # the paper's design claims a suite may test with one-change variants
 TUNE_KNOWN = {"trials", "seed", "overrides", "shared_space", "method_space"}
 

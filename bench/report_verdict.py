@@ -27,19 +27,12 @@ import pandas as pd
 
 from bench import atomic, track
 from bench.config import ConfigError, load_config, read_params
-from bench.protocol import Protocol, load_protocol
+from bench.protocol import CLAIMS, Protocol, load_protocol
 from bench.report import _command, _markdown_table
 from bench.splits import metric_on
 from bench.verdict import compare_pair
+from bench.verdict_measured import measured_rows
 
-CLAIMS = {
-    "a": "DB ≈ E2E at matched compute",
-    "b": "equiprobable beats uniform / log-uniform partitioning",
-    "c": "B = 2–4 beats B = 1 and B = 6",
-    "d": "training memory falls ~B×",
-    "e": "DB sampling is ~B× cheaper",
-    "f": "recurrent DB needs ~10× less training compute",
-}
 MATCHED = 0.10   # "matched compute" is claimed only where the FLOP ratio is within 10%
 
 
@@ -206,56 +199,6 @@ def ablation_rows(params_path, proto: Protocol, higher_is_better: bool, log=prin
     return pd.DataFrame(rows)
 
 
-def memory_rows(suite: str, B: int, margin: float = 0.1) -> list[dict]:
-    """Claim (d), from `bench memory`: DB's measured peak (offload, this B) against each baseline
-    a user would pick instead.  Bytes are measured, not sampled: one measurement, no interval.
-    Signed difference: ratio/B − 1; matches within ±margin (10% of B), better/worse beyond."""
-    path = Path("results/memory") / f"{suite}.csv"
-    if not path.exists():
-        return [{"claim": "d", "statement": CLAIMS["d"], "verdict": "not tested", "note": f"no {path}"}]
-    m = pd.read_csv(path)
-    m = m[m["batch_size"] == m["batch_size"].max()]
-    db = m[(m["mode"] == "dblocks") & (m["residency"] == "offload") & (m["B"] == B)]
-    if db.empty:
-        return [{"claim": "d", "statement": CLAIMS["d"], "verdict": "not tested", "note": f"no B = {B} row in {path}"}]
-    peak = float(db["peak_bytes"].iloc[0])
-    rows = []
-    for base in ("e2e", "e2e+accum", "e2e+ckpt"):
-        ref = m[(m["mode"] == base) & ((m["B"] == B) if base == "e2e+accum" else (m["B"] == 1))]
-        if ref.empty:
-            continue
-        ratio = float(ref["peak_bytes"].iloc[0]) / peak
-        d = ratio / B - 1
-        rows.append({"claim": "d", "statement": f"{CLAIMS['d']} (against {base})", "pair": f"{base} vs dblocks offload",
-                     "metric": "peak_mem_ratio / B", "seeds": 1, "mean_diff": d, "ci_low": d, "ci_high": d,
-                     "margin": margin, "verdict": "matches" if abs(d) < margin else "better" if d > 0 else "worse",
-                     "note": f"{base} peak / DB peak = {ratio:.2f} at B = {B} (measured bytes, deterministic: one measurement)"})
-    return rows
-
-
-def sampling_rows(out: Path, proto: Protocol, B: int, margin: float = 0.1) -> list[dict]:
-    """Claim (e), from `bench gen-report`'s sampling_cost.csv (both arms of a pair timed in
-    alternation, same steps and batch, seed 0's weights): E2E / DB time per image against B.
-    One timing, no interval; the layer-evaluation ratio beside it is counted, not timed."""
-    path = out / "sampling_cost.csv"
-    if not path.exists():
-        return []
-    cost = pd.read_csv(path).set_index("arm")
-    rows = []
-    for name, (e2e, db) in proto.pairs.items():
-        if e2e not in cost.index or db not in cost.index:
-            continue
-        ratio = float(cost.at[e2e, "ms_per_image"] / cost.at[db, "ms_per_image"])
-        layers = float(cost.at[e2e, "layer_evals_per_image"] / cost.at[db, "layer_evals_per_image"])
-        d = ratio / B - 1
-        rows.append({"claim": "e", "statement": CLAIMS["e"], "pair": name, "e2e_arm": e2e, "db_arm": db,
-                     "metric": "sampling time ratio / B", "seeds": 1, "mean_diff": d, "ci_low": d, "ci_high": d,
-                     "margin": margin, "verdict": "matches" if abs(d) < margin else "better" if d > 0 else "worse",
-                     "note": f"E2E / DB time per image = {ratio:.2f} at B = {B}, {int(cost.at[db, 'steps'])} steps each "
-                             f"(timed in alternation, one measurement); layer evaluations per image {layers:.2f}× (counted)"})
-    return rows
-
-
 def untested_rows(present: set[str], task: str) -> list[dict]:
     # (e) is a block-wise sampling saving: a recurrent DB model is one block (B = 1) over the whole range
     applies = {"e": task in ("generation", "autoregressive"), "f": task == "recurrent"}
@@ -316,6 +259,17 @@ def _scaled(table: pd.DataFrame, scale: float) -> pd.DataFrame:
     return out.rename(columns={"e2e_mean": "reference_mean", "db_mean": "changed_mean", "p_db_ge_e2e": "p_changed_ge_ref"})
 
 
+def verdict_markdown_table(verdicts: pd.DataFrame, scale: float) -> str:
+    """comparison.md's verdict table: metric differences (a, b, c, f's paired rows) in the suite's
+    display unit (accuracy points: ×100), measured ratios (d, e, f's saving) as they are."""
+    show = verdicts[[c for c in ("claim", "statement", "pair", "metric", "seeds", "mean_diff", "ci_low", "ci_high",
+                                 "p_db_ge_e2e", "margin", "verdict", "note") if c in verdicts]].copy()
+    for c in ("mean_diff", "ci_low", "ci_high", "margin"):
+        scored = show["claim"].isin(["a", "b", "c"]) | ((show["claim"] == "f") & (show["seeds"] != 1))   # metric differences (d, f's saving: ratios, unscaled)
+        show.loc[scored, c] = scale * show.loc[scored, c].astype(float)
+    return _markdown_table(show.astype(object).fillna(""))
+
+
 def write_verdict(params_path) -> Path:
     from bench.tasks import task_class
     raw = read_params(params_path)
@@ -328,14 +282,11 @@ def write_verdict(params_path) -> Path:
         raise ConfigError(f"bench verdict {params_path}: no arm of protocol.pairs has an evaluated seed yet "
                           f"(bench train … --seed N, then bench evaluate … --seed N)")
     atomic.write_csv(out / "seeds.csv", seeds)
-    B = int((raw.get("diffusion") or {}).get("num_blocks", 3))
     rows = pair_rows(seeds, proto, task_cls.higher_is_better)
     if first.task == "recurrent":
         rows += recurrent_rows(rows, seeds)
     rows += claim_rows(params_path, proto, task_cls.higher_is_better)
-    rows += memory_rows(proto.suite, B)
-    if first.task == "generation":
-        rows += sampling_rows(out, proto, B)
+    rows += measured_rows(params_path, proto, first.task, out)   # (d), (e): bench.verdict_measured
     rows += untested_rows({r["claim"] for r in rows}, first.task)
     verdicts = pd.DataFrame(rows)
     verdicts.insert(0, "suite", proto.suite)
@@ -354,11 +305,6 @@ def write_verdict(params_path) -> Path:
         train_time_s=("train_time_s", "mean")).reset_index()
     for c in ("test_mean", "test_sd", "val_mean", "val_sd"):
         per_arm[c] = scale * per_arm[c]
-    show = verdicts[[c for c in ("claim", "statement", "pair", "metric", "seeds", "mean_diff", "ci_low", "ci_high",
-                                 "p_db_ge_e2e", "margin", "verdict", "note") if c in verdicts]].copy()
-    for c in ("mean_diff", "ci_low", "ci_high", "margin"):
-        scored = show["claim"].isin(["a", "b", "c"]) | ((show["claim"] == "f") & (show["seeds"] != 1))   # metric differences (d, f's saving: ratios, unscaled)
-        show.loc[scored, c] = scale * show.loc[scored, c].astype(float)
     pair_cols = [c for c in ("pair", "e2e_arm", "db_arm", "seeds", "missing_seeds", "flop_ratio_db_e2e",
                              "param_ratio_db_e2e", "compute", "val_mean_diff") if c in verdicts]
     pairs = verdicts[verdicts["claim"] == "a"][pair_cols].copy()
@@ -385,7 +331,7 @@ def write_verdict(params_path) -> Path:
           "Positive difference = DiffusionBlocks better. Interval: percentile bootstrap of the mean paired (same-seed) "
           "difference, 95%. matches: the whole interval inside ±margin; better / worse: the interval above / below 0; "
           "otherwise inconclusive.\n",
-          _markdown_table(show.fillna("")),
+          verdict_markdown_table(verdicts, scale),
           "\n## Compute and size of each pair\n",
           _markdown_table(pairs.fillna("")),
           f"\n`val_mean_diff`: the same paired difference on validation{unit}.\n",

@@ -222,7 +222,7 @@ def test_sampling_claim_row_judges_the_timed_ratio_against_B(tmp_path):
     import pandas as pd
 
     from bench.protocol import Protocol
-    from bench.report_verdict import sampling_rows
+    from bench.verdict_measured import sampling_rows
     proto = Protocol(suite="s", seeds=[0], pairs={"paper": ("e2e", "dblocks")}, margin=0.1, margin_relative=True, tune=None)
     assert sampling_rows(tmp_path, proto, B=3) == []            # no timing: no row (the claim stays untested)
     for db_ms, verdict in ((10 / 2.2, "worse"), (10 / 2.9, "matches"), (10 / 3.5, "better")):
@@ -231,3 +231,38 @@ def test_sampling_claim_row_judges_the_timed_ratio_against_B(tmp_path):
                      ).to_csv(tmp_path / "sampling_cost.csv", index=False)
         (row,) = sampling_rows(tmp_path, proto, B=3)
         assert row["claim"] == "e" and row["verdict"] == verdict and "3.00×" in row["note"]
+
+
+def test_measured_only_rejudges_memory_and_keeps_the_seed_rows(tmp_path, fashion_root, monkeypatch):
+    """`bench verdict --measured-only`: (d) rows come from results/memory/<suite>.csv; the seed-judged
+    (a) rows and the rest of comparison.md stay byte for byte; without a verdict.csv, one clear line."""
+    import pandas as pd
+
+    from bench.verdict_measured import rejudge_measured
+    monkeypatch.chdir(tmp_path)
+    p = tmp_path / "params.yaml"
+    p.write_text(TUNE_PARAMS.format(runs=tmp_path / "runs", results=tmp_path / "results", root=fashion_root))
+    with pytest.raises(ConfigError, match="--measured-only: no .*verdict.csv"):
+        rejudge_measured(p)
+    out = tmp_path / "results/tiny"
+    out.mkdir(parents=True)
+    seed_row = {"suite": "tiny", "claim": "a", "pair": "paper", "metric": "test_acc", "seeds": 2, "mean_diff": -0.02,
+                "ci_low": -0.03, "ci_high": -0.01, "margin": 0.01, "verdict": "worse"}
+    pd.DataFrame([seed_row, {"suite": "tiny", "claim": "d", "verdict": "not tested", "note": "no memory file"}]
+                 ).to_csv(out / "verdict.csv", index=False)
+    head, tail = "# tiny\n\n## Verdicts\n\nPositive … otherwise inconclusive.\n", "\n## Compute and size of each pair\n\nkept\n"
+    (out / "comparison.md").write_text(head + "\nold table\n" + tail)
+    (tmp_path / "results/memory").mkdir()
+    mem = [("e2e", "-", 1, 300.0), ("e2e+accum", "-", 3, 150.0), ("e2e+ckpt", "-", 1, 90.0), ("dblocks", "offload", 3, 100.0)]
+    pd.DataFrame([{"mode": m, "residency": r, "B": b, "batch_size": 64, "peak_bytes": peak} for m, r, b, peak in mem]
+                 ).to_csv(tmp_path / "results/memory/tiny.csv", index=False)
+    rejudge_measured(p)
+    v = pd.read_csv(out / "verdict.csv")
+    assert v[v["claim"] == "a"].iloc[0][["mean_diff", "verdict"]].tolist() == [-0.02, "worse"]
+    d = v[v["claim"] == "d"].set_index("pair")
+    assert d.loc["e2e vs dblocks offload", "verdict"] == "matches"           # 300 / 100 = 3.0 = B
+    assert d.loc["e2e+accum vs dblocks offload", "mean_diff"] == pytest.approx(1.5 / 3 - 1)
+    assert d.loc["e2e+ckpt vs dblocks offload", "verdict"] == "worse"        # 0.9× < B
+    text = (out / "comparison.md").read_text()
+    assert text.startswith(head) and text.endswith(tail) and "old table" not in text and "against e2e+accum" in text
+    assert set(v["claim"]) == set("abcdef")
