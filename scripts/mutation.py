@@ -25,7 +25,7 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 TARGETS = ["bench/diffusion/*", "bench/blocks.py"]
-KILLERS = ["tests/test_diffusion.py", "tests/test_blocks.py", "tests/test_mdm.py", "tests/test_train.py"]
+KILLERS = ["tests/test_diffusion.py", "tests/test_diffusion_bounds.py", "tests/test_blocks.py", "tests/test_mdm.py", "tests/test_train.py"]
 
 
 def mutmut(args: list[str], cwd: Path) -> str:
