@@ -64,6 +64,7 @@ def main() -> None:
     for name, state in rows:
         module = name.split(".x_")[0].split(".xǁ")[0]
         by_file.setdefault(module, Counter())[state] += 1
+    states = ["killed", "survived"] + sorted({s for c in by_file.values() for s in c} - {"killed", "survived"})
     killed = sum(c["killed"] for c in by_file.values())
     total = sum(sum(c.values()) for c in by_file.values())
     md = [f"# Mutation testing: {', '.join(a.only)}\n",
@@ -71,9 +72,11 @@ def main() -> None:
           f"pytest {' '.join(a.tests)} (mutmut runs the tests covering each mutated function).\n",
           f"**Score: {killed} of {total} mutants killed ({100 * killed / max(total, 1):.1f}%).** A survivor is either "
           "equivalent (no behaviour changes) or a gap in the tests; each is listed below.\n",
-          "| module | killed | survived | other |", "|---|---|---|---|"]
+          "States are mutmut's: *no tests* = no killer test runs the mutated function (a gap as real as a "
+          "survivor); *timeout* = the tests ran past mutmut's limit (not counted as killed).\n",
+          "| module | " + " | ".join(states) + " |", "|---|" + "---|" * len(states)]
     for module, c in sorted(by_file.items()):
-        md.append(f"| {module} | {c['killed']} | {c['survived']} | {sum(c.values()) - c['killed'] - c['survived']} |")
+        md.append(f"| {module} | " + " | ".join(str(c[s]) for s in states) + " |")
     md.append("\n## Surviving mutants\n")
     for name in survivors:
         diff = "\n".join(line for line in diffs[name].splitlines() if line.startswith(("+", "-", "@")))

@@ -34,6 +34,8 @@ def test_quantile_is_float64_and_exact_at_the_ends():
         q = noise.quantile([0.0, 0.5, 1.0])            # a Python list, not a tensor
         assert q.dtype == torch.float64
         assert q[0].item() == noise.sigma_min and q[-1].item() == sigma_max
+    # a list is read in float64 too, not float32 (1/3 is not a float32 value)
+    assert torch.equal(NOISE.quantile([1 / 3]), NOISE.quantile(torch.tensor([1 / 3], dtype=torch.float64)))
 
 
 def test_partition_edge_checks_and_their_messages():
