@@ -66,12 +66,14 @@ def main() -> None:
         by_file.setdefault(module, Counter())[state] += 1
     states = ["killed", "survived"] + sorted({s for c in by_file.values() for s in c} - {"killed", "survived"})
     killed = sum(c["killed"] for c in by_file.values())
+    timeouts = sum(c["timeout"] for c in by_file.values())
     total = sum(sum(c.values()) for c in by_file.values())
     md = [f"# Mutation testing: {', '.join(a.only)}\n",
           f"Written by `python scripts/mutation.py` on {dt.date.today().isoformat()} at code {sha[:12]}; killer: "
           f"pytest {' '.join(a.tests)} (mutmut runs the tests covering each mutated function).\n",
-          f"**Score: {killed} of {total} mutants killed ({100 * killed / max(total, 1):.1f}%).** A survivor is either "
-          "equivalent (no behaviour changes) or a gap in the tests; each is listed below.\n",
+          f"**Score: {killed} of {total} mutants killed ({100 * killed / max(total, 1):.1f}%);** detected (killed or "
+          f"timed out, a hang CI would also catch): {killed + timeouts} ({100 * (killed + timeouts) / max(total, 1):.1f}%). "
+          "A survivor is either equivalent (no behaviour changes) or a gap in the tests; each is listed below.\n",
           "States are mutmut's: *no tests* = no killer test runs the mutated function (a gap as real as a "
           "survivor); *timeout* = the tests ran past mutmut's limit (not counted as killed).\n",
           "| module | " + " | ".join(states) + " |", "|---|" + "---|" * len(states)]

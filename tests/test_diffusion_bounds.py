@@ -2,11 +2,16 @@
 messages (what a user reads), its dtypes and shapes, and the chain's last step.  Written against
 the mutants scripts/mutation.py found surviving tests/test_diffusion.py."""
 
+import math
+
 import pytest
 import torch
 
 from bench.diffusion import (LogNormalNoise, denoised, euler_step, make_partition, sample_chain,
                              sigmas_equiprobable, sigmas_karras, steps_per_block)
+from bench.diffusion.noise import log_normal_pdf
+from bench.diffusion.precond import scale_input, weighted_loss
+from bench.diffusion.sampler import make_sigmas
 from bench.diffusion.partition import Partition, partition_edges
 
 NOISE = LogNormalNoise()
@@ -120,3 +125,58 @@ def test_chain_takes_euler_steps_and_returns_D_at_sigma_zero():
     expected = denoise(z1, 1.0, p.block_of(1.0))
     out = sample_chain(denoise, z0, torch.tensor([3.0, 1.0, 0.0], dtype=torch.float64), p)
     assert torch.equal(out, expected)
+
+
+def test_scale_input_is_c_in_times_z_per_sample():
+    z, sigma = torch.randn(3, 2, 4), torch.tensor([0.01, 0.5, 40.0], dtype=torch.float64)
+    out = scale_input(z, sigma, 0.5)
+    assert out.shape == z.shape and out.dtype == z.dtype
+    for i in range(3):
+        assert torch.allclose(out[i], z[i] / (sigma[i].item() ** 2 + 0.25) ** 0.5, rtol=1e-6)
+
+
+def test_weighted_loss_each_weighting_by_hand():
+    """λ(σ) = (σ² + σ_d²)/(σ σ_d)²; per-sample losses of shape (N, D) broadcast against λ (N,)."""
+    per = torch.tensor([[1.0, 3.0], [2.0, 2.0], [4.0, 0.0]])
+    sigma = torch.tensor([0.5, 1.0, 2.0], dtype=torch.float64)
+    lam = [(s * s + 0.25) / (s * 0.5) ** 2 for s in (0.5, 1.0, 2.0)]      # 8, 5, 4.25
+    rows = [2.0, 2.0, 2.0]
+    assert weighted_loss(per, sigma, 0.5, "uniform").item() == pytest.approx(2.0)
+    assert weighted_loss(per, sigma, 0.5, "lambda").item() == pytest.approx(
+        sum(l * (a + b) for l, (a, b) in zip(lam, per.tolist())) / 6)
+    assert weighted_loss(per, sigma, 0.5, "official").item() == pytest.approx(sum(rows) / 3 * sum(lam) / 3)
+    assert weighted_loss(per, sigma, 0.5, "lambda").dtype == per.dtype
+    with pytest.raises(ValueError, match="^unknown weighting 'edm'; choose one of lambda, official, uniform$"):
+        weighted_loss(per, sigma, 0.5, "edm")
+
+
+def test_log_normal_pdf_is_the_density_of_ln_sigma():
+    noise = LogNormalNoise(P_mean=-1.2, P_std=1.2)
+    s = torch.logspace(-6, 6, 200001, dtype=torch.float64)
+    pdf = log_normal_pdf(noise, s)
+    assert torch.trapezoid(pdf, s).item() == pytest.approx(1.0, abs=1e-6)          # a density over σ
+    at = 0.3
+    x = (math.log(at) + 1.2) / 1.2
+    assert log_normal_pdf(noise, at).item() == pytest.approx(math.exp(-x * x / 2) / (at * 1.2 * math.sqrt(2 * math.pi)), rel=1e-12)
+
+
+def test_make_sigmas_dispatches_by_grid_name():
+    assert torch.equal(make_sigmas(NOISE, 7), sigmas_equiprobable(NOISE, 7))
+    assert torch.equal(make_sigmas(NOISE, 7, "equiprobable", sigma_start=10.0), sigmas_equiprobable(NOISE, 7, 10.0))
+    assert torch.equal(make_sigmas(NOISE, 7, "karras", rho=3.0), sigmas_karras(NOISE, 7, rho=3.0))
+    assert not torch.equal(make_sigmas(NOISE, 7, "karras", rho=3.0), sigmas_karras(NOISE, 7))
+    with pytest.raises(ValueError, match="^unknown sigma grid 'linear'; choose one of equiprobable, karras$"):
+        make_sigmas(NOISE, 7, "linear")
+
+
+def test_block_training_sigmas_lie_in_its_range_and_follow_the_generator():
+    p = make_partition(3, gamma=0.1)
+    for b in range(3):
+        lo, hi = p.training_range(b)
+        draws = p.sample_training_sigma(b, 2000, generator=torch.Generator().manual_seed(b))
+        assert draws.shape == (2000,) and draws.min() >= lo and draws.max() <= hi
+        again = p.sample_training_sigma(b, 2000, generator=torch.Generator().manual_seed(b))
+        assert torch.equal(draws, again)
+        # p_noise restricted to the range: the median draw sits at the range's own median
+        mid = p.noise.icdf((p.noise.cdf(lo) + p.noise.cdf(hi)) / 2).item()
+        assert draws.median().item() == pytest.approx(mid, rel=0.1)
