@@ -65,6 +65,7 @@ def test_block_index_out_of_range_names_the_block():
 
 def test_make_partition_keeps_its_strategy():
     assert make_partition(3, "log-uniform").strategy == "log-uniform"
+    assert make_partition(3).gamma == 0.0                                  # no overlap unless asked
     assert make_partition(3, "explicit", edges=[0.1, 1.0]).strategy == "explicit"
 
 
@@ -137,14 +138,12 @@ def test_scale_input_is_c_in_times_z_per_sample():
 
 def test_weighted_loss_each_weighting_by_hand():
     """λ(σ) = (σ² + σ_d²)/(σ σ_d)²; per-sample losses of shape (N, D) broadcast against λ (N,)."""
-    per = torch.tensor([[1.0, 3.0], [2.0, 2.0], [4.0, 0.0]])
+    per = torch.tensor([[1.0, 3.0], [2.0, 0.0], [4.0, 0.0]])         # unequal rows: lambda ≠ official
     sigma = torch.tensor([0.5, 1.0, 2.0], dtype=torch.float64)
     lam = [(s * s + 0.25) / (s * 0.5) ** 2 for s in (0.5, 1.0, 2.0)]      # 8, 5, 4.25
-    rows = [2.0, 2.0, 2.0]
-    assert weighted_loss(per, sigma, 0.5, "uniform").item() == pytest.approx(2.0)
-    assert weighted_loss(per, sigma, 0.5, "lambda").item() == pytest.approx(
-        sum(l * (a + b) for l, (a, b) in zip(lam, per.tolist())) / 6)
-    assert weighted_loss(per, sigma, 0.5, "official").item() == pytest.approx(sum(rows) / 3 * sum(lam) / 3)
+    assert weighted_loss(per, sigma, 0.5, "uniform").item() == pytest.approx(10 / 6)
+    assert weighted_loss(per, sigma, 0.5, "lambda").item() == pytest.approx((8 * 4 + 5 * 2 + 4.25 * 4) / 6)
+    assert weighted_loss(per, sigma, 0.5, "official").item() == pytest.approx(10 / 6 * sum(lam) / 3)
     assert weighted_loss(per, sigma, 0.5, "lambda").dtype == per.dtype
     with pytest.raises(ValueError, match="^unknown weighting 'edm'; choose one of lambda, official, uniform$"):
         weighted_loss(per, sigma, 0.5, "edm")
@@ -165,6 +164,9 @@ def test_make_sigmas_dispatches_by_grid_name():
     assert torch.equal(make_sigmas(NOISE, 7, "equiprobable", sigma_start=10.0), sigmas_equiprobable(NOISE, 7, 10.0))
     assert torch.equal(make_sigmas(NOISE, 7, "karras", rho=3.0), sigmas_karras(NOISE, 7, rho=3.0))
     assert not torch.equal(make_sigmas(NOISE, 7, "karras", rho=3.0), sigmas_karras(NOISE, 7))
+    # EDM's ρ = 7 is the default of both
+    assert torch.equal(make_sigmas(NOISE, 7, "karras"), sigmas_karras(NOISE, 7, rho=7.0))
+    assert torch.equal(sigmas_karras(NOISE, 7), sigmas_karras(NOISE, 7, rho=7.0))
     with pytest.raises(ValueError, match="^unknown sigma grid 'linear'; choose one of equiprobable, karras$"):
         make_sigmas(NOISE, 7, "linear")
 
