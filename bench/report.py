@@ -229,7 +229,9 @@ def verdict_markdown(table: pd.DataFrame) -> str:
         show = show.drop(columns="scaling")
     return (_markdown_table(show.fillna("")) + "\nDifferences are signed so that positive means DiffusionBlocks is "
             "better (claims b, c: the paper's choice — equiprobable partition, B = 3 — is better than the alternative), "
-            "in the metric's units (accuracy: a fraction, 0.01 = 1 point); interval: 95% bootstrap over paired "
+            "in the metric's units (accuracy: a fraction, 0.01 = 1 point; MAUVE: its own 0–1 scale), or as a fraction "
+            "of E2E's mean where the suite's margin is relative (BPC, FID: 0.1 = 10 %); claims d and e: the measured "
+            "ratio / B − 1 (0 = exactly B× less, one measurement, no interval); interval: 95% bootstrap over paired "
             "seeds; the margin was fixed in the suite's params.yaml before the runs. Untested claims: "
             "[results/verdicts.csv](results/verdicts.csv).\n")
 
