@@ -45,6 +45,14 @@ def train_cmd(p, arm):
     return [sys.executable, "-m", "bench", "train", str(p), "--arm", arm, "--no-progress", "--resume-if-compatible"]
 
 
+def saved_step(out) -> int:
+    """The step of the run's last checkpoint (-1 before the first); ckpt.pt is replaced atomically."""
+    try:
+        return int(torch.load(out / "ckpt.pt", weights_only=False)["state"]["step"])
+    except FileNotFoundError:
+        return -1
+
+
 def weights(out):
     return torch.load(out / "final.pt", weights_only=False)["model"]
 
@@ -63,8 +71,14 @@ def test_random_kills_and_a_kill_inside_a_checkpoint_write_resume_exactly(tmp_pa
 
     rng, kills = np.random.default_rng(0), 0
     for _ in range(3):   # killed again at random moments (training, evaluating or writing)
+        # paced by the run's own progress, not the clock (a fast machine finished before a timed kill):
+        # wait for its next checkpoint, then kill at a random moment of the steps after it
+        before = saved_step(out)
         proc = subprocess.Popen(train_cmd(p, "dblocks"), env=ENV, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-        time.sleep(float(rng.uniform(4.0, 9.0)))
+        deadline = time.monotonic() + 300
+        while proc.poll() is None and saved_step(out) <= before and time.monotonic() < deadline:
+            time.sleep(0.02)
+        time.sleep(float(rng.uniform(0.0, 0.3)))
         if proc.poll() is None:
             proc.send_signal(signal.SIGKILL)
             kills += 1
@@ -72,7 +86,7 @@ def test_random_kills_and_a_kill_inside_a_checkpoint_write_resume_exactly(tmp_pa
         if (out / "ckpt.pt").exists():
             torch.load(out / "ckpt.pt", weights_only=False)   # never corrupt
     subprocess.run(train_cmd(p, "dblocks"), env=ENV, check=True, capture_output=True)
-    assert kills >= 1
+    assert kills == 3
     straight, resumed = weights(tmp_path / "runs/kills/straight"), weights(out)
     assert all(torch.equal(straight[k], resumed[k]) for k in straight)
     assert not list(out.glob(".*.tmp-*"))   # the next run removed every orphan
