@@ -90,7 +90,7 @@ def main() -> int:
         clear += n if ok else 0
         rows.append(f"| {what} | {n} | {n if ok else 'FAILED'} | {'nothing' if ok else lost} | `{prefix}` ({len(mine)} tests) |")
     md = ["# Reliability: faults and bad input\n",
-          f"Written by `python scripts/reliability.py` on {dt.date.today().isoformat()}, code {git_sha()[:12]}. "
+          f"Written by `python scripts/reliability.py` on {dt.date.today().isoformat()}, code {git_sha()[:12]}{'-dirty' if 'dirty' in git_sha() else ''}. "
           "Every case is injected for real (SIGKILL, corrupt files, a held lock, an injected ENOSPC, generated params "
           "files); a case is *clear* when it ends in one `bench: error:` line before any output, or runs correctly "
           "(after kills: bit-identical weights to an uninterrupted run).\n",
