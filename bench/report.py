@@ -24,6 +24,11 @@ def _command() -> str:
         else " ".join(shlex.quote(a) for a in sys.argv)
 
 
+def display_scale(metric: str) -> int:
+    """Accuracies are shown in points (×100); every other metric as it is."""
+    return 100 if metric.endswith("acc") else 1
+
+
 def _markdown_table(df: pd.DataFrame) -> str:
     def fmt(v):
         if isinstance(v, float):
@@ -75,7 +80,7 @@ def collect(params_path: str | Path) -> tuple[pd.DataFrame, dict[str, pd.DataFra
         table["flop_ratio_to_e2e"] = table["train_flops"] / float(e2e_rows.iloc[0]["train_flops"])
     e2e = table[table["mode"].str.startswith("e2e")]
     if len(e2e):
-        scale = 100 if metric.endswith("acc") else 1
+        scale = display_scale(metric)
         table.insert(6, "gap_to_e2e" + ("_pts" if scale == 100 else ""), scale * (table[metric] - e2e.iloc[0][metric]))
     return table, curves, metric
 
@@ -105,7 +110,7 @@ def plot_curves(curves: dict[str, pd.DataFrame], metric: str, path: Path, title:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
     fig, ax = plt.subplots(figsize=(7, 4.5))
-    scale = 100 if metric.endswith("acc") else 1
+    scale = display_scale(metric)
     for arm, df in curves.items():
         ax.plot(df["epochs_equiv"], scale * df[metric], marker="o", label=arm)
     ax.set_xlabel("training compute (epoch-equivalents of full-depth layer evaluations)")
@@ -126,7 +131,7 @@ def compare(params_path: str | Path, results_dir: str | Path | None = None, note
     suite = str(raw.get("suite") or Path(params_path).parent.name)
     out = Path(results_dir or raw.get("results_dir") or "results") / suite
     table, curves, metric = collect(params_path)
-    scale = 100 if metric.endswith("acc") else 1
+    scale = display_scale(metric)
     curve_n = (read_params(params_path).get("eval") or {}).get("curve_fid_n")
     note = f" at {curve_n} samples (the table: eval.fid_n)" if "fid" in metric and curve_n else ""
     curve_png = plot_curves(curves, metric, out / "learning_curve.png",

@@ -19,7 +19,7 @@ import numpy as np
 import pandas as pd
 
 from bench import atomic
-from bench.report import _command, _markdown_table
+from bench.report import _command, _markdown_table, display_scale
 from bench.scaling_fit import EXTRAPOLATION, bootstrap_fits, fitted_gap, from_loss, saturating_power_law, to_loss
 from bench.splits import metric_on
 from bench.verdict import compare_pair
@@ -64,7 +64,7 @@ def _plot(table: pd.DataFrame, summaries: list[dict], spec: dict, metric: str, h
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
-    scale = 100 if metric.endswith("acc") else 1
+    scale = display_scale(metric)
     fig, axes = plt.subplots(len(summaries), 2, figsize=(11, 4.2 * len(summaries)), squeeze=False)
     for (left, right), s in zip(axes, summaries):
         rows = table[table["pair"] == s["pair"]]
@@ -150,7 +150,7 @@ def crossing_sentence(fit: dict, margin_text: str) -> str:
 
 def suite_section(fit: dict) -> list[str]:
     metric, hib = fit["metric"], fit["higher_is_better"]
-    scale = 100 if metric.endswith("acc") else 1
+    scale = display_scale(metric)
     if fit["margin_relative"]:   # a fraction of the E2E figure (BPC, FID): 0.03 is 3 %
         margin_text = f"±{100 * fit['margin']:g}% of E2E (the verdict margin)"
     else:
@@ -235,7 +235,7 @@ def claim_a_note(suite: str, pair: str, out: Path = Path("results/scaling")) -> 
     s = next((p for p in fit["pairs"] if p["pair"] == pair), None)
     if s is None or not s["per_budget"]:
         return ""
-    scale = 100 if fit["metric"].endswith("acc") else 1
+    scale = display_scale(fit["metric"])
     gaps = ", ".join(f"{b['budget']:g}× {scale * b['gap_test']:+.3g} ({b['verdict']})" for b in s["per_budget"])
     trend = ""
     if "fit" in s:

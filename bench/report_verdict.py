@@ -28,11 +28,17 @@ import pandas as pd
 from bench import atomic, track
 from bench.config import ConfigError, load_config, read_params
 from bench.protocol import CLAIMS, Protocol, load_protocol
-from bench.report import _command, _markdown_table
+from bench.report import _command, _markdown_table, display_scale
 from bench.splits import metric_on
 from bench.verdict import compare_pair
 from bench.verdict_measured import measured_rows
 
+# comparison.md's verdict section: its heading and rule, then the table, up to the next heading
+# (`bench verdict --measured-only` replaces what lies between them)
+VERDICTS_HEAD = ("## Verdicts\n\nPositive difference = DiffusionBlocks better. Interval: percentile bootstrap of the "
+                 "mean paired (same-seed) difference, 95%. matches: the whole interval inside ±margin; better / worse: "
+                 "the interval above / below 0; otherwise inconclusive.\n")
+COMPUTE_HEADING = "## Compute and size of each pair\n"
 MATCHED = 0.10   # "matched compute" is claimed only where the FLOP ratio is within 10%
 
 
@@ -233,7 +239,7 @@ def _curve(params_path, proto: Protocol, metric: str, higher_is_better: bool, ou
     wide = curve.assign(point=k).pivot_table(index="point", columns="arm", values="mean").reindex(columns=proto.arms)
     wide.insert(0, "epochs_equiv", curve.assign(point=k).groupby("point")["epochs_equiv"].mean().round(4))
     atomic.write_csv(out / "learning_curve_by_arm.csv", wide.reset_index(drop=True))
-    scale = 100 if metric.endswith("acc") else 1
+    scale = display_scale(metric)
     fig, ax = plt.subplots(figsize=(7, 4.5))
     for i, arm in enumerate(proto.arms):
         c = curve[curve["arm"] == arm]
@@ -296,7 +302,7 @@ def write_verdict(params_path) -> Path:
         atomic.write_csv(out / "ablations.csv", ablations)
     png = _curve(params_path, proto, task_cls.metric, task_cls.higher_is_better, out, f"{proto.suite}: {task_cls.metric} vs training compute")
 
-    scale = 100 if task_cls.metric.endswith("acc") else 1
+    scale = display_scale(task_cls.metric)
     unit = " (points)" if scale == 100 else ""
     per_arm = seeds.groupby("arm", sort=False).agg(
         mode=("mode", "first"), seeds=("seed", "count"), test_mean=("test", "mean"), test_sd=("test", "std"),
@@ -327,12 +333,9 @@ def write_verdict(params_path) -> Path:
           _markdown_table(per_arm),
           "\n`train_flops`: FlopCounterMode on one step of each block × the steps that trained it; `params`: the "
           "arm's parameter count; `peak_mem_MiB`: the training runs' measured step peak (largest over blocks and seeds).\n",
-          "## Verdicts\n",
-          "Positive difference = DiffusionBlocks better. Interval: percentile bootstrap of the mean paired (same-seed) "
-          "difference, 95%. matches: the whole interval inside ±margin; better / worse: the interval above / below 0; "
-          "otherwise inconclusive.\n",
+          VERDICTS_HEAD,
           verdict_markdown_table(verdicts, scale),
-          "\n## Compute and size of each pair\n",
+          "\n" + COMPUTE_HEADING,
           _markdown_table(pairs.fillna("")),
           f"\n`val_mean_diff`: the same paired difference on validation{unit}.\n",
           f"## Per seed (test {task_cls.metric}{unit})\n", _markdown_table(per_seed.reset_index()),

@@ -18,6 +18,7 @@ import pandas as pd
 from bench import atomic
 from bench.config import ConfigError, load_config, read_params
 from bench.protocol import CLAIMS, Protocol, load_protocol
+from bench.report import display_scale
 
 MEASURED = ("d", "e")
 
@@ -84,7 +85,7 @@ def measured_rows(params_path, proto: Protocol, task: str, out: Path) -> list[di
 def rejudge_measured(params_path) -> Path:
     """Replace the (d, e) rows of results/<suite>/verdict.csv and comparison.md's verdict table with
     fresh ones from the measurement files; every other row is kept as it was."""
-    from bench.report_verdict import untested_rows, verdict_markdown_table
+    from bench.report_verdict import COMPUTE_HEADING, VERDICTS_HEAD, untested_rows, verdict_markdown_table
     from bench.tasks import task_class
     raw = read_params(params_path)
     proto = load_protocol(params_path)
@@ -106,9 +107,9 @@ def rejudge_measured(params_path) -> Path:
     atomic.write_csv(verdict_csv, verdicts)
 
     text = comparison.read_text()
-    head_end = text.index("otherwise inconclusive.\n", text.index("## Verdicts\n")) + len("otherwise inconclusive.\n")
-    tail_start = text.index("\n## Compute and size of each pair")
-    scale = 100 if task_class(task).metric.endswith("acc") else 1
+    head_end = text.index(VERDICTS_HEAD) + len(VERDICTS_HEAD)
+    tail_start = text.index("\n" + COMPUTE_HEADING, head_end)
+    scale = display_scale(task_class(task).metric)
     claims = "d and e" if task == "generation" else "d"
     note = (f"Claim {claims} re-judged by `bench verdict {params_path} --measured-only` on "
             f"{dt.date.today().isoformat()} from results/memory/{proto.suite}.csv"

@@ -51,6 +51,11 @@ BATTERY = {
 }
 
 
+def short_sha(sha: str) -> str:
+    """12 characters of the commit, keeping a dirty checkout's flag (cut to 12, it would vanish)."""
+    return sha[:12] + ("-dirty" if "-dirty" in sha else "")
+
+
 def mutation_line() -> str:
     """The mutation score of the last `python scripts/mutation.py` (not run here, nor in CI: it takes
     minutes per module), quoted from results/mutation.md with its scope and killer."""
@@ -90,7 +95,7 @@ def main() -> int:
         clear += n if ok else 0
         rows.append(f"| {what} | {n} | {n if ok else 'FAILED'} | {'nothing' if ok else lost} | `{prefix}` ({len(mine)} tests) |")
     md = ["# Reliability: faults and bad input\n",
-          f"Written by `python scripts/reliability.py` on {dt.date.today().isoformat()}, code {git_sha()[:12]}{'-dirty' if 'dirty' in git_sha() else ''}. "
+          f"Written by `python scripts/reliability.py` on {dt.date.today().isoformat()}, code {short_sha(git_sha())}. "
           "Every case is injected for real (SIGKILL, corrupt files, a held lock, an injected ENOSPC, generated params "
           "files); a case is *clear* when it ends in one `bench: error:` line before any output, or runs correctly "
           "(after kills: bit-identical weights to an uninterrupted run).\n",

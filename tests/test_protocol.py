@@ -250,7 +250,8 @@ def test_measured_only_rejudges_memory_and_keeps_the_seed_rows(tmp_path, fashion
                 "ci_low": -0.03, "ci_high": -0.01, "margin": 0.01, "verdict": "worse"}
     pd.DataFrame([seed_row, {"suite": "tiny", "claim": "d", "verdict": "not tested", "note": "no memory file"}]
                  ).to_csv(out / "verdict.csv", index=False)
-    head, tail = "# tiny\n\n## Verdicts\n\nPositive … otherwise inconclusive.\n", "\n## Compute and size of each pair\n\nkept\n"
+    from bench.report_verdict import COMPUTE_HEADING, VERDICTS_HEAD
+    head, tail = "# tiny\n\n" + VERDICTS_HEAD, "\n" + COMPUTE_HEADING + "\nkept\n"
     (out / "comparison.md").write_text(head + "\nold table\n" + tail)
     (tmp_path / "results/memory").mkdir()
     mem = [("e2e", "-", 1, 300.0), ("e2e+accum", "-", 3, 150.0), ("e2e+ckpt", "-", 1, 90.0), ("dblocks", "offload", 3, 100.0)]
