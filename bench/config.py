@@ -297,19 +297,30 @@ def arm_names(params_path: str | Path) -> list[str]:
     return list((read_params(params_path).get("arms") or {}).keys())
 
 
+def tuned_from(raw: dict) -> str | None:
+    """protocol.tuned_from: the suite whose tuning this suite's tuned arms reuse unchanged (a transfer
+    test: no trial saw this suite's data), or None when the suite tunes its own arms."""
+    donor = (raw.get("protocol") or {}).get("tuned_from") if isinstance(raw.get("protocol"), dict) else None
+    return str(donor) if donor else None
+
+
 def tuned_path(raw: dict, params_path: str | Path) -> Path:
-    """results/<suite>/tuned.yaml: the settings `bench tune` chose, one mapping per tuned arm."""
-    suite = str(raw.get("suite") or Path(params_path).parent.name)
+    """results/<suite>/tuned.yaml: the settings `bench tune` chose, one mapping per tuned arm (the
+    donor suite's file when protocol.tuned_from names one)."""
+    suite = tuned_from(raw) or str(raw.get("suite") or Path(params_path).parent.name)
     return Path(raw.get("results_dir") or "results") / suite / "tuned.yaml"
 
 
 def tuned_overrides(raw: dict, params_path: str | Path, arm: str) -> dict:
     path = tuned_path(raw, params_path)
+    donor = tuned_from(raw)
+    tune_cmd = f"bench tune {Path(params_path).parent.parent / donor / 'params.yaml' if donor else params_path}"
     if not path.is_file():
-        raise ConfigError(f"arm {arm!r} is a tuned arm but {path} does not exist: run `bench tune {params_path}` first")
+        raise ConfigError(f"arm {arm!r} is a tuned arm but {path} does not exist: run `{tune_cmd}` first")
     chosen = (yaml.safe_load(path.read_text()) or {}).get("arms", {})
     if arm not in chosen:
-        raise ConfigError(f"{path} has no settings for arm {arm!r}: rerun `bench tune {params_path}`")
+        raise ConfigError(f"{path} has no settings for arm {arm!r}: rerun `{tune_cmd}`"
+                          + (f" (protocol.tuned_from: {donor} must have an arm of that name)" if donor else ""))
     return chosen[arm]["overrides"]
 
 

@@ -16,6 +16,7 @@ results are seen:
         overrides: {train.epochs: 0.5} #   the proxy budget of one trial (the same for every arm)
         shared_space: {train.lr: {low: 3.0e-4, high: 3.0e-3, log: true}}   # every arm
         method_space: {diffusion.P_mean: {low: -1.2, high: 1.2}}           # DiffusionBlocks arms only
+      # or, instead of tune:  tuned_from: mdm_shakespeare   # reuse that suite's tuned.yaml unchanged
 
 An arm with `tuned: true` takes the settings `bench tune` wrote for it into
 results/<suite>/tuned.yaml (see bench.config.tuned_overrides).
@@ -28,7 +29,8 @@ from pathlib import Path
 
 from bench.config import ConfigError, read_params
 
-KNOWN = {"seeds", "pairs", "margin", "margin_relative", "tune", "claims", "claim_seeds", "ablations", "ablation_seeds"}
+KNOWN = {"seeds", "pairs", "margin", "margin_relative", "tune", "tuned_from", "claims", "claim_seeds", "ablations",
+         "ablation_seeds"}
 # the paper's claims, one verdict row (or more) each per suite
 CLAIMS = {
     "a": "DB ≈ E2E at matched compute",
@@ -59,6 +61,7 @@ class Protocol:
     margin: float
     margin_relative: bool
     tune: TuneSpec | None
+    tuned_from: str | None = None   # the suite whose tuned.yaml the tuned arms reuse (no tuning here)
     claims: dict = field(default_factory=dict)   # claim (b, c) → {name: (the paper's choice, the alternative)}
     claim_seeds: list[int] = field(default_factory=list)
     ablations: dict = field(default_factory=dict)   # name → (reference arm, changed arm): not claims
@@ -124,6 +127,10 @@ def load_protocol(params_path: str | Path) -> Protocol:
             raise ConfigError(f"protocol.tune.trials in {where} must be a positive integer, got {t.get('trials')!r}")
         tune = TuneSpec(t["trials"], int(t.get("seed", 0)), dict(t.get("overrides") or {}),
                         dict(t.get("shared_space") or {}), dict(t.get("method_space") or {}))
+    donor = spec.get("tuned_from")
+    if donor is not None and (not isinstance(donor, str) or not donor or tune is not None):
+        raise ConfigError(f"protocol.tuned_from in {where} must name another suite (a string), and excludes "
+                          f"protocol.tune; got {donor!r}{' beside a tune section' if tune is not None else ''}")
     suite = str(raw.get("suite") or Path(params_path).parent.name)
-    return Protocol(suite, seeds, pairs, float(margin), bool(spec.get("margin_relative", False)), tune,
+    return Protocol(suite, seeds, pairs, float(margin), bool(spec.get("margin_relative", False)), tune, donor,
                     claims, list(seed_lists["claim_seeds"]), ablations, list(seed_lists["ablation_seeds"]))

@@ -14,7 +14,7 @@ from pathlib import Path
 import pandas as pd
 
 from bench import atomic, track
-from bench.config import arm_names, load_config, read_params
+from bench.config import arm_names, load_config, read_params, tuned_from
 
 MiB = 2**20
 
@@ -286,7 +286,9 @@ def write_results_readme(out: str | Path = "results/README.md", suites_root: str
         comparison = Path("results") / suite / "comparison.csv"
         lines.append(f"## {suite}\n")
         if (Path("results") / suite / "verdict.csv").exists():
-            tuning = (f"; tuning: [{suite}/tuning.md]({suite}/tuning.md)" if (Path("results") / suite / "tuning.md").exists()
+            donor = tuned_from(raw)
+            tuning = (f"; tuned settings reused from [{donor}/tuning.md]({donor}/tuning.md), no trial on this suite" if donor
+                      else f"; tuning: [{suite}/tuning.md]({suite}/tuning.md)" if (Path("results") / suite / "tuning.md").exists()
                       else "; no tuned pair")
             lines.append(f"Under the verdict protocol: [{suite}/comparison.md]({suite}/comparison.md) "
                          f"(seeds, intervals, verdicts{tuning}).\n")

@@ -276,6 +276,16 @@ def verdict_markdown_table(verdicts: pd.DataFrame, scale: float) -> str:
     return _markdown_table(show.astype(object).fillna(""))
 
 
+def _tuning_sentence(proto: Protocol) -> str:
+    if proto.tuned_from:
+        return (f"Tuned arms: the settings {proto.tuned_from}'s tuning chose "
+                f"([tuning.md](../{proto.tuned_from}/tuning.md), the same number of validation-only trials for every "
+                "arm), reused unchanged: no trial saw this suite's data. ")
+    if proto.tune:
+        return "Tuned arms: see [tuning.md](tuning.md) (the same number of validation-only trials for every arm). "
+    return "No tuned pair: every arm runs its params as written (no tuning for any arm). "
+
+
 def write_verdict(params_path) -> Path:
     from bench.tasks import task_class
     raw = read_params(params_path)
@@ -326,8 +336,7 @@ def write_verdict(params_path) -> Path:
           f"Protocol (params.yaml `protocol:`, fixed before the runs): seeds {proto.seeds}; pairs "
           + "; ".join(f"`{n}` = {e} vs {d}" for n, (e, d) in proto.pairs.items())
           + f"; margin ±{scale * proto.margin:g}{unit}{' (relative to E2E)' if proto.margin_relative else ''}. "
-          + ("Tuned arms: see [tuning.md](tuning.md) (the same number of validation-only trials for every arm). "
-             if proto.tune else "No tuned pair: every arm runs its params as written (no tuning for any arm). ")
+          + _tuning_sentence(proto)
           + "Test was read only by each run's final evaluation and its learning curve.\n",
           f"## Arms (mean ± sd over seeds; {task_cls.metric}{unit if scale == 100 else ''})\n",
           _markdown_table(per_arm),

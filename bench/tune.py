@@ -146,6 +146,9 @@ def tune_arm(params_path, arm: str, log=print) -> dict:
 
 def run_tuning(params_path, log=print) -> Path:
     proto = load_protocol(params_path)
+    if proto.tuned_from:
+        raise ConfigError(f"{params_path}: protocol.tuned_from reuses {proto.tuned_from}'s tuned settings; "
+                          f"tune that suite instead (bench tune suites/{proto.tuned_from}/params.yaml)")
     if proto.tune is None:
         raise ConfigError(f"{params_path} has no protocol.tune section; see bench/protocol.py")
     arms = tuned_arms(params_path)
