@@ -124,6 +124,35 @@ def test_tuned_arm_needs_its_tuning(tmp_path, fashion_root):
     assert load_config(p, "tuned_dblocks", tuning=True).diffusion.P_mean == -1.2
 
 
+def test_tuned_from_reuses_the_donor_suites_tuning_and_tunes_nothing(tmp_path, fashion_root):
+    """protocol.tuned_from: the tuned arms take the donor suite's tuned.yaml as it is (a transfer
+    test), `bench tune` refuses the receiving suite, and tuned_from beside a tune section is refused."""
+    donor_params = tmp_path / "donor" / "params.yaml"
+    donor_params.parent.mkdir()
+    _, tuned = tune_in(donor_params.parent, fashion_root)   # writes <donor>/results/tiny/tuned.yaml
+    raw = yaml.safe_load(donor_params.read_text())
+    raw["suite"], raw["results_dir"] = "austenlike", str(donor_params.parent / "results")
+    del raw["protocol"]["tune"]
+    raw["protocol"]["tuned_from"] = "tiny"
+    p = tmp_path / "receiver" / "params.yaml"
+    p.parent.mkdir()
+    p.write_text(yaml.safe_dump(raw))
+    cfg = load_config(p, "tuned_dblocks")
+    chosen = tuned["arms"]["tuned_dblocks"]["overrides"]
+    assert (cfg.train.lr, cfg.diffusion.P_mean) == (chosen["train.lr"], chosen["diffusion.P_mean"])
+    assert cfg.suite == "austenlike" and "austenlike" in cfg.out_dir
+    with pytest.raises(ConfigError, match="tuned_from reuses tiny"):
+        run_tuning(p, log=lambda *_: None)
+    raw["protocol"]["tuned_from"] = "nowhere"
+    p.write_text(yaml.safe_dump(raw))
+    with pytest.raises(ConfigError, match="nowhere/tuned.yaml does not exist"):
+        load_config(p, "tuned_dblocks")
+    raw["protocol"]["tune"] = {"trials": 1}
+    p.write_text(yaml.safe_dump(raw))
+    with pytest.raises(ConfigError, match="protocol.tuned_from"):
+        run_tuning(p, log=lambda *_: None)
+
+
 def test_verdict_follows_interval_and_margin():
     assert verdict(-0.004, 0.006, margin=0.01, n_seeds=5) == "matches"
     assert verdict(0.002, 0.03, margin=0.01, n_seeds=5) == "better"
