@@ -32,6 +32,9 @@ def memory_rows(suite: str, B: int, margin: float = 0.1) -> list[dict]:
     a user would pick instead.  Bytes are measured, not sampled: one measurement, no interval.
     Signed difference: ratio/B − 1; matches within ±margin (10% of B), better/worse beyond."""
     path = Path("results/memory") / f"{suite}.csv"
+    if B == 1:   # e.g. the recurrent suites: one denoiser over the whole range, whose claim is compute (f)
+        return [{"claim": "d", "statement": CLAIMS["d"], "verdict": "not tested",
+                 "note": "does not apply at B = 1 (one block over the whole σ range: no B-fold saving is claimed)"}]
     if not path.exists():
         return [{"claim": "d", "statement": CLAIMS["d"], "verdict": "not tested", "note": f"no {path}"}]
     m = pd.read_csv(path)
@@ -111,8 +114,11 @@ def rejudge_measured(params_path) -> Path:
     tail_start = text.index("\n" + COMPUTE_HEADING, head_end)
     scale = display_scale(task_class(task).metric)
     claims = "d and e" if task == "generation" else "d"
+    sources = [str(p) for p in (Path("results/memory") / f"{proto.suite}.csv", out / "sampling_cost.csv")
+               if p.exists() and (task == "generation" or "memory" in p.parts)]
     note = (f"Claim {claims} re-judged by `bench verdict {params_path} --measured-only` on "
-            f"{dt.date.today().isoformat()} from results/memory/{proto.suite}.csv"
-            f"{' and sampling_cost.csv' if task == 'generation' else ''}; every other row is the seed runs' above.\n")
+            f"{dt.date.today().isoformat()} " + (f"from {' and '.join(sources)}" if sources else "(no measurement file read)")
+            + "; "
+            "every other row is the seed runs' above.\n")
     body = "\n" + verdict_markdown_table(verdicts, scale) + "\n" + note
     return atomic.write_text(comparison, text[:head_end] + body + text[tail_start:])
