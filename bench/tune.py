@@ -13,7 +13,7 @@ spends the same budget; a diverged trial counts as a trial and scores nothing).
 Outputs: results/<suite>/tuned.yaml (the chosen overrides per arm, read by the pipeline's tuned
 arms), results/<suite>/tuning.csv (every trial of every arm: its params and validation score) and
 results/<suite>/tuning.md.  Studies live in runs/<suite>/tune/optuna.db, named by a fingerprint
-of the arm, space and budget; a killed `bench tune` continues where it stopped (retrying the
+of the arm's base settings, space and budget; a killed `bench tune` continues where it stopped (retrying the
 interrupted trial's params).  Unlike `bench sweep`, its sampler is seeded once per process, as
 when the committed tunings ran, so those reproduce exactly; a resumed tuning proposes different
 later trials from an uninterrupted one.  Each trial's MLflow run carries its trial number, and
@@ -50,10 +50,15 @@ def _space(proto, cfg) -> dict:
     return space
 
 
-def _study_name(suite: str, arm: str, space: dict, spec) -> str:
-    blob = json.dumps({"arm": arm, "space": space, "trials": spec.trials, "seed": spec.seed,
+def _study_name(base, space: dict, spec) -> str:
+    """suite-arm-<fingerprint of the base settings, space and budget>: a study resumes only where
+    all of them are unchanged (a changed batch size or model starts a new study, not a mixed one)."""
+    settings = base.to_dict()
+    settings.pop("out_dir")
+    settings["data"].pop("root")   # where the data lives is not what it is
+    blob = json.dumps({"base": settings, "space": space, "trials": spec.trials, "seed": spec.seed,
                        "overrides": spec.overrides}, sort_keys=True, default=str)
-    return f"{suite}-{arm}-{hashlib.sha1(blob.encode()).hexdigest()[:8]}"
+    return f"{base.suite}-{base.arm}-{hashlib.sha1(blob.encode()).hexdigest()[:8]}"
 
 
 def _open_study(optuna, name: str, db: Path, maximize: bool, seed: int):
@@ -86,7 +91,7 @@ def tune_arm(params_path, arm: str, log=print) -> dict:
     metric = metric_on(task_cls.metric, "val")
     space = _space(proto, base)
     dists = search_distributions(space, set(space), base.task, base.model["arch"], params_path)
-    name = _study_name(proto.suite, arm, space, spec)
+    name = _study_name(base, space, spec)
     root = Path(read_params(params_path).get("runs_dir", "runs")) / proto.suite / "tune"
     root.mkdir(parents=True, exist_ok=True)
     study = _open_study(optuna, name, root / "optuna.db", task_cls.higher_is_better, spec.seed)

@@ -153,6 +153,23 @@ def test_tuned_from_reuses_the_donor_suites_tuning_and_tunes_nothing(tmp_path, f
         run_tuning(p, log=lambda *_: None)
 
 
+def test_a_tuning_study_resumes_only_at_unchanged_base_settings(tmp_path, fashion_root):
+    """The study's name fingerprints the arm's base settings: a changed batch size would otherwise
+    resume the old study and mix trials of two set-ups; where the data lives does not count."""
+    from bench.protocol import load_protocol
+    from bench.tune import _space, _study_name
+    p = tmp_path / "params.yaml"
+    p.write_text(TUNE_PARAMS.format(runs=tmp_path / "runs", results=tmp_path / "results", root=fashion_root))
+    spec = load_protocol(p).tune
+
+    def name(*overrides):
+        base = load_config(p, "tuned_dblocks", list(overrides), tuning=True)
+        return _study_name(base, _space(load_protocol(p), base), spec)
+    assert name() == name() == name(f"data.root={tmp_path / 'elsewhere'}")
+    assert name("train.batch_size=32") != name() != name("model.depth=6")
+    assert name().startswith("tiny-tuned_dblocks-")
+
+
 def test_verdict_follows_interval_and_margin():
     assert verdict(-0.004, 0.006, margin=0.01, n_seeds=5) == "matches"
     assert verdict(0.002, 0.03, margin=0.01, n_seeds=5) == "better"
