@@ -182,3 +182,9 @@ def test_block_training_sigmas_lie_in_its_range_and_follow_the_generator():
         # p_noise restricted to the range: the median draw sits at the range's own median
         mid = p.noise.icdf((p.noise.cdf(lo) + p.noise.cdf(hi)) / 2).item()
         assert draws.median().item() == pytest.approx(mid, rel=0.1)
+
+
+def test_a_sigma_within_the_tie_tolerance_below_a_boundary_belongs_to_the_higher_noise_block():
+    p = make_partition(3)
+    e = p.edges[1]                                   # ascending σ: block 2 owns [σ_min, e]
+    assert p.block_of(e * (1 - 1e-9)) == 1 and p.block_of(e * (1 - 1e-8)) == 2

@@ -28,6 +28,14 @@ def test_sample_t_draws_float64_from_the_callers_generator(antithetic):
     assert not torch.equal(a, sample_t(64, 0.2, 0.6, generator=seeded(4), antithetic=antithetic))
 
 
+def test_sample_t_is_exactly_the_offset_grid_in_float64():
+    u0 = torch.rand(1, dtype=torch.float64, generator=seeded(7))
+    expected = 0.2 + (0.6 - 0.2) * torch.remainder(u0 + torch.arange(5, dtype=torch.float64) / 5, 1.0)
+    assert torch.equal(sample_t(5, 0.2, 0.6, generator=seeded(7)), expected)
+    iid = 0.2 + (0.6 - 0.2) * torch.rand(5, dtype=torch.float64, generator=seeded(7))
+    assert torch.equal(sample_t(5, 0.2, 0.6, generator=seeded(7), antithetic=False), iid)
+
+
 def test_antithetic_t_is_one_offset_then_evenly_spaced_upwards():
     t = sample_t(8, 0.0, 1.0, generator=seeded(0))              # antithetic is the default
     steps = torch.remainder(t[1:] - t[:-1], 1.0)
@@ -87,13 +95,13 @@ def test_sample_masked_is_reproducible_long_and_uses_the_midpoint_block():
     asked = []
 
     def predict(z, t, block):
-        asked.append((round(t, 6), block))
+        asked.append((t, block))
         return torch.full((*z.shape, 4), 0.25)
     a, b = untouched_global_rng(lambda g: sample_masked(predict, 3, 7, 6, p, 4, torch.device("cpu"), g))
     assert torch.equal(a, b) and a.dtype == torch.long and a.shape == (3, 7) and (a < 4).all()
     # 6 steps on the grid 1, 5/6, …, 0: each block takes two, highest noise (block 0) first
     assert [blk for _, blk in asked[:6]] == [0, 0, 1, 1, 2, 2]
-    assert [t for t, _ in asked[:6]] == pytest.approx([1, 5 / 6, 4 / 6, 3 / 6, 2 / 6, 1 / 6], abs=1e-6)
+    assert [t for t, _ in asked[:6]] == torch.linspace(1.0, 0.0, 7, dtype=torch.float64).tolist()[:6]   # exactly, float64
 
 
 def test_mask_tokens_uses_given_uniforms_and_the_schedule_per_sequence():
@@ -114,7 +122,7 @@ def test_schedules_edges_and_estimators_refuse_what_they_cannot_do():
     assert MaskingSchedule("poly0.5").alpha(0.25).item() == pytest.approx(0.5)
     with pytest.raises(ValueError, match="num_blocks must be >= 1, got 0"):
         masking_edges(MaskingSchedule(), 0)
-    with pytest.raises(ValueError, match="needs boundaries"):
+    with pytest.raises(ValueError, match=r"^masking partition 'explicit' needs boundaries \(diffusion.sigma_edges, read as t\)$"):
         masking_edges(MaskingSchedule(), 3, "explicit")
     with pytest.raises(ValueError, match="must start at 0 and end at 1"):
         masking_edges(MaskingSchedule(), 2, "explicit", [0.1, 0.5, 1.0])
@@ -122,9 +130,16 @@ def test_schedules_edges_and_estimators_refuse_what_they_cannot_do():
         masking_edges(MaskingSchedule(), 3, "explicit", [0.5])
     assert masking_edges(MaskingSchedule(), 2, "explicit", [0, 0.3, 1]) == (0, 0.3, 1)
     assert masking_edges(MaskingSchedule(), 1) == (0.0, 1.0)
+    with pytest.raises(ValueError, match=r"no partition 'uniform'; choose one of equiprobable, linear, explicit$"):
+        masking_edges(MaskingSchedule(), 2, "uniform")
     with pytest.raises(ValueError, match="strictly increasing"):
         masking_edges(MaskingSchedule(), 2, "explicit", [1.0])
     p = make_masking_partition(2)
+    assert (p.gamma, p.strategy, p.antithetic) == (0.0, "equiprobable", True)     # the defaults
+    assert MaskingSchedule("cosine").alpha_inv(0.5).dtype == torch.float64
+    for edges in [(0.0, 0.5, 0.5, 1.0), (0.0, 0.6, 0.5, 1.0)]:
+        with pytest.raises(ValueError, match="t edges must increase strictly"):
+            type(p)(p.schedule, edges)
     with pytest.raises(ValueError, match="overlap gamma must be >= 0, got -0.1"):
         type(p)(p.schedule, p.edges, gamma=-0.1)
     with pytest.raises(ValueError, match="t edges must increase strictly from 0 to 1"):
@@ -137,3 +152,9 @@ def test_schedules_edges_and_estimators_refuse_what_they_cannot_do():
         mc_mean_stderr(torch.ones(3, 1))
     w = md4_nelbo(torch.tensor([1.0, 2.0], dtype=torch.float64), torch.tensor([0.5, 0.25]), MaskingSchedule())
     assert w.dtype == torch.float64 and w.tolist() == pytest.approx([2.0, 8.0])
+
+
+def test_a_t_within_the_tie_tolerance_below_a_boundary_belongs_to_the_higher_noise_block():
+    p = make_masking_partition(3)
+    e = p.edges[1]
+    assert p.block_of(e * (1 - 1e-9)) == 1 and p.block_of(e * (1 - 1e-8)) == 2
