@@ -27,8 +27,8 @@ class Stack(torch.nn.Module):
         return self.head(x).sum()
 
 
-def make(residency, depth=4, B=2, lr=0.1, warm=lambda step: min(1.0, (step + 1) / 4)):
-    model = Stack(depth)
+def make(residency, depth=4, B=2, lr=0.1, warm=lambda step: min(1.0, (step + 1) / 4), dtype=torch.float32):
+    model = Stack(depth).to(dtype)
     layout = make_layout(depth, B)
     opt = BlockOptimizer(model, layout, residency, torch.device("cpu"),
                          lambda ps: torch.optim.AdamW(ps, lr=lr, weight_decay=0.01), warm)
@@ -66,16 +66,23 @@ def test_offload_parks_every_block_and_activate_brings_back_exactly_one():
     assert torch.equal(model.layers[0].weight, ref["layers.0.weight"])
     with pytest.raises(ValueError, match="unknown residency 'host'"):
         make("host")
+    assert make("resident")[2].parked_bytes() == 0
+    model, layout, opt = make("offload", dtype=torch.float64)           # a parked tensor keeps its dtype
+    assert all(p.dtype == torch.float64 for p in model.parameters())
+    opt.activate(0)
+    assert model.layers[0].weight.dtype == torch.float64 and model.layers[0].weight.shape == (3, 3)
 
 
 def test_materialize_puts_every_block_on_the_device_and_parks_them_again():
     model, layout, opt = make("offload")
     train_steps(model, layout, opt, [0, 1, 1, 0])                           # Adam moments exist for both blocks
     parked = opt.parked_bytes()
-    assert parked > sum(p.nbytes for p in Stack().layers[2:].parameters())  # block 1's weights and its moments
     with opt.materialize():
         assert all(p.numel() > 0 for p in model.parameters())
     assert opt.active == 0 and opt.parked_bytes() == parked
+    moments = sum(v.nbytes for p in opt.block_params[1] for v in opt.optimizers[1].state[p].values())
+    weights = sum(p.nbytes for p in Stack().layers[2:].parameters())
+    assert parked == weights + moments                                  # block 1's weights and all its Adam state
     assert all(p.numel() == 0 for p in block_tensors(model, layout, 1))
     assert all(v.numel() > 1 for p in block_tensors(model, layout, 0) for v in opt.optimizers[0].state[p].values()
                if v.dim() > 0)
@@ -97,6 +104,14 @@ def test_offload_updates_are_residents_and_the_schedule_follows_every_step():
     assert opt.lr == pytest.approx(0.1 * 0.25)                                # the schedule's first factor
     train_steps(model, layout, opt, [0])
     assert opt.lr == pytest.approx(0.1 * 0.5) and opt.optimizers[1].param_groups[0]["lr"] == pytest.approx(0.05)
+
+
+def test_a_block_that_never_stepped_raises_no_scheduler_warning():
+    import warnings
+    model, layout, opt = make("offload")
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")                                  # block 1's optimizer has not stepped yet
+        train_steps(model, layout, opt, [0, 0])
 
 
 def test_checkpoint_round_trip_restores_moments_and_refuses_another_residency():
@@ -178,7 +193,11 @@ def test_layouts_and_sampler_refuse_what_they_cannot_do():
     with pytest.raises(IndexError):
         BlockLayout((1, 1)).layers_of(-1)
     only = BlockSampler(4, seed=0, allowed=[2, 3])
-    assert set(only.sample() for _ in range(50)) == {2, 3}
+    state = torch.get_rng_state()
+    draws = [only.sample() for _ in range(50)]
+    assert set(draws) == {2, 3} and torch.equal(torch.get_rng_state(), state)   # its own generator only
+    again = BlockSampler(4, seed=0, allowed=[2, 3])
+    assert draws == [again.sample() for _ in range(50)]
     a = BlockSampler(3, seed=5)
     [a.sample() for _ in range(7)]
     b = BlockSampler(3, seed=99)
