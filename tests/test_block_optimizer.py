@@ -74,14 +74,14 @@ def test_offload_parks_every_block_and_activate_brings_back_exactly_one():
 
 
 def test_materialize_puts_every_block_on_the_device_and_parks_them_again():
-    model, layout, opt = make("offload")
+    model, layout, opt = make("offload", depth=3)                       # blocks of 2 and 1 layers: unequal bytes
     train_steps(model, layout, opt, [0, 1, 1, 0])                           # Adam moments exist for both blocks
     parked = opt.parked_bytes()
     with opt.materialize():
         assert all(p.numel() > 0 for p in model.parameters())
     assert opt.active == 0 and opt.parked_bytes() == parked
     moments = sum(v.nbytes for p in opt.block_params[1] for v in opt.optimizers[1].state[p].values())
-    weights = sum(p.nbytes for p in Stack().layers[2:].parameters())
+    weights = sum(p.nbytes for p in Stack(3).layers[2:].parameters())
     assert parked == weights + moments                                  # block 1's weights and all its Adam state
     assert all(p.numel() == 0 for p in block_tensors(model, layout, 1))
     assert all(v.numel() > 1 for p in block_tensors(model, layout, 0) for v in opt.optimizers[0].state[p].values()
