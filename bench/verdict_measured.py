@@ -114,11 +114,10 @@ def rejudge_measured(params_path) -> Path:
     tail_start = text.index("\n" + COMPUTE_HEADING, head_end)
     scale = display_scale(task_class(task).metric)
     claims = "d and e" if task == "generation" else "d"
-    sources = [str(p) for p in (Path("results/memory") / f"{proto.suite}.csv", out / "sampling_cost.csv")
-               if p.exists() and (task == "generation" or "memory" in p.parts)]
+    read = [Path("results/memory") / f"{proto.suite}.csv"] + ([out / "sampling_cost.csv"] if task == "generation" else [])
+    sources = " and ".join(str(p) for p in read if p.exists())
     note = (f"Claim {claims} re-judged by `bench verdict {params_path} --measured-only` on "
-            f"{dt.date.today().isoformat()} " + (f"from {' and '.join(sources)}" if sources else "(no measurement file read)")
-            + "; "
+            f"{dt.date.today().isoformat()} {f'from {sources}' if sources else '(no measurement file read)'}; "
             "every other row is the seed runs' above.\n")
     body = "\n" + verdict_markdown_table(verdicts, scale) + "\n" + note
     return atomic.write_text(comparison, text[:head_end] + body + text[tail_start:])
