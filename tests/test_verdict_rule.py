@@ -54,3 +54,10 @@ def test_one_seed_is_never_a_verdict_and_ties_count_for_db():
     assert (r["e2e_mean"], r["db_mean"], r["mean_diff"]) == pytest.approx((0.8, 0.825, 0.025))
     assert (r["ci_low"], r["ci_high"]) == pytest.approx(bootstrap_interval(np.array([0.0, 0.1, -0.1, 0.1])))
     assert r["verdict"] == "matches"
+
+
+def test_two_seeds_get_an_interval_and_a_relative_pair_is_judged_relative():
+    lo, hi = bootstrap_interval([0.1, 0.3])
+    assert lo == pytest.approx(0.1) and hi == pytest.approx(0.3)       # resampling two seeds spans both
+    r = compare_pair([2.0, 2.0], [1.9, 1.9], higher_is_better=False, margin=0.03, relative=True)
+    assert r["mean_diff"] == pytest.approx(0.05) and r["verdict"] == "better"   # 5 % of E2E, beyond the 3 % margin
