@@ -246,6 +246,29 @@ def test_untrained_model_has_the_uniform_bpc_and_both_routes_agree(params):
     assert task.partition.num_blocks == 3 and task.partition.interval(0) == pytest.approx((2 / 3, 1))
 
 
+@pytest.mark.parametrize("weighting", ["lambda", "uniform"])
+def test_training_loss_is_eq8_per_token_or_the_mean_masked_ce(params, weighting):
+    """The task's training loss on a real batch: the MD4 weight w(t)·Σ_masked CE per sequence,
+    averaged over sequences and divided by the length (`lambda`), or the mean CE over masked
+    tokens (`uniform`); the masks come from the caller's generator."""
+    task = make_task(load_config(params, "dblocks", [f"diffusion.weighting={weighting}"]))
+    task.check()
+    task.load()
+    torch.manual_seed(0)
+    model = task.build_model()
+    x = task.batch(torch.arange(4), seed=0, device=torch.device("cpu"))
+    t = torch.tensor([0.2, 0.4, 0.6, 0.9], dtype=torch.float64)
+    layers = task.layout.layers_of(1)
+    loss, logs = task.loss(model, x, sigma=t, layers=layers, generator=torch.Generator().manual_seed(5))
+    u = torch.rand(x.shape, generator=torch.Generator().manual_seed(5), dtype=torch.float64)
+    z, masked = mask_tokens(x, t, task.schedule, task.mask_id, u=u)
+    ce = masked_ce_sum(model(z, t, layers), x, masked)
+    mean_ce = ce.sum() / masked.sum()
+    expected = md4_nelbo(ce, t, task.schedule).mean() / x.shape[1] if weighting == "lambda" else mean_ce
+    assert torch.allclose(loss, expected) and torch.allclose(logs["ce"], mean_ce)
+    assert masked.sum() > 0 and loss.requires_grad and not logs["ce"].requires_grad
+
+
 def test_a_sealed_test_split_leaves_validation_scoreable(params):
     """Inside a selection the task loads and scores validation, but never opens test."""
     task = make_task(load_config(params, "dblocks"))
